@@ -1,0 +1,196 @@
+"""``python -m agent run|sync|status|demo|version`` (also installed as ``mlflow-agent``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from agent import __version__
+from agent.config import ConfigError, Settings, add_arguments, load_settings, parse_hostport
+from agent.logs import configure_logging
+from agent.spool.store import SpoolLocked
+
+log = logging.getLogger("agent")
+
+_SYNC_SETTINGS = (
+    "upstream", "spool_dir", "request_timeout", "retry_initial_backoff", "retry_max_backoff",
+    "retry_deadline", "upload_max_in_flight", "log_level", "log_format",
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "version":
+        print(f"mlflow-agent {__version__}")
+        return 0
+    if args.command == "demo":
+        from agent.demo import run_demo
+
+        return run_demo(keep=args.keep, steps=args.steps)
+    if args.command == "status":
+        return _status(args)
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        print(f"mlflow-agent: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        if args.command == "run":
+            return _run(settings)
+        return asyncio.run(_sync(settings, timeout=args.timeout, progress_every=args.progress_interval))
+    except SpoolLocked as exc:
+        print(f"mlflow-agent: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlflow-agent", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="serve the MLflow API locally and upload to the upstream")
+    add_arguments(run)
+    sync = sub.add_parser("sync", help="upload a spool left behind, then exit")
+    add_arguments(sync, include=_SYNC_SETTINGS)
+    sync.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    sync.add_argument("--progress-interval", type=float, default=2.0, help="seconds between progress lines")
+    status = sub.add_parser("status", help="what a running agent holds (or a spool, with --spool-dir)")
+    status.add_argument("--http", default="127.0.0.1:5050", help="the agent's HOST:PORT")
+    status.add_argument("--spool-dir", type=Path, default=None, help="read this spool directly instead")
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+    demo = sub.add_parser("demo", help="local MLflow server + agent + a training loop, then a summary")
+    demo.add_argument("--steps", type=int, default=300, help="training steps to log")
+    demo.add_argument("--keep", action="store_true", help="keep the MLflow server running until Ctrl-C")
+    sub.add_parser("version", help="print the version")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "timeout", "progress_interval")}
+    settings = load_settings(values if args.command == "sync" else args)
+    if args.command == "sync" and settings.upstream is None:
+        raise ConfigError("upstream", "sync needs an upstream to upload to, not 'none'", "--upstream")
+    return settings
+
+
+def _run(settings: Settings) -> int:
+    from agent.service import Agent
+
+    log.info("mlflow-agent %s starting", __version__, extra={"settings": settings.describe()})
+    _use_uvloop()
+    return asyncio.run(Agent(settings).run_until_signalled())
+
+
+def _use_uvloop() -> None:
+    try:
+        import uvloop  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def _sync(settings: Settings, *, timeout: float | None, progress_every: float) -> int:
+    from agent.service import Agent
+
+    agent = Agent(settings, ingest=False)
+    await agent.start()
+    started = time.monotonic()
+    total = agent.ledger.total_items()
+    print(f"sync: {total} record(s) pending in {len(agent.ledger.runs())} run(s) -> {settings.upstream}")
+    last_print = started
+    try:
+        while agent.ledger.total_items() > 0 or agent.catalog.pending_experiments():
+            if timeout is not None and time.monotonic() - started > timeout:
+                break
+            await asyncio.sleep(0.2)
+            if time.monotonic() - last_print >= progress_every:
+                last_print = time.monotonic()
+                print(f"sync: {agent.ledger.total_items()} pending, upstream "
+                      f"{'up' if agent.rest and agent.rest.health.up else 'not answering'}")
+    finally:
+        totals = (await agent.status())["totals"]
+        left = agent.ledger.total_items()
+        await agent.stop()
+    print(f"sync: done in {time.monotonic() - started:.1f}s: uploaded {int(totals.get('uploaded', 0))}, "
+          f"dead-lettered {int(totals.get('dead_lettered', 0))}, left in spool {left}")
+    return 0 if left == 0 else 1
+
+
+def _status(args: argparse.Namespace) -> int:
+    if args.spool_dir is not None:
+        status = asyncio.run(_offline_status(args.spool_dir))
+    else:
+        hp = parse_hostport(args.http)
+        url = f"http://{hp.host if ':' not in hp.host else f'[{hp.host}]'}:{hp.port}/status"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                status = orjson.loads(resp.read())
+        except (urllib.error.URLError, OSError) as exc:
+            print(f"mlflow-agent: no agent answering at {url} ({exc}); "
+                  "use --spool-dir DIR to read a spool directly", file=sys.stderr)
+            return 1
+    if args.json:
+        print(orjson.dumps(status, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(_render_status(status))
+    return 0
+
+
+async def _offline_status(spool_dir: Path) -> dict[str, Any]:
+    from agent.spool.store import Spool
+
+    spool = Spool(spool_dir, max_bytes=1 << 62)
+    loaded = await spool.open()
+    dead = await spool.dead_letters(20)
+    await spool.close()
+    runs: dict[str, dict[str, int]] = {}
+    for p in loaded.pending:
+        runs.setdefault(p.run, {})
+        runs[p.run][p.kind.label] = runs[p.run].get(p.kind.label, 0) + p.items
+    return {
+        "spool": {"path": str(spool.path), "charged_bytes": sum(p.size for p in loaded.pending)},
+        "buffered_records": sum(p.items for p in loaded.pending),
+        "runs": [{"run_id": r, "pending": k} for r, k in sorted(runs.items())],
+        "dead_letters": {"total": loaded.dead_letters, "recent": dead},
+    }
+
+
+def _render_status(status: dict[str, Any]) -> str:
+    lines = []
+    upstream = status.get("upstream")
+    if upstream:
+        state = "offline" if upstream.get("offline") else ("up" if upstream.get("up") else "DOWN")
+        lines.append(f"upstream:  {upstream.get('url') or 'none'} ({state})")
+        if upstream.get("last_error"):
+            lines.append(f"           last error: {upstream['last_error']}")
+    spool = status.get("spool", {})
+    lines.append(f"spool:     {spool.get('path')} ({spool.get('charged_bytes', 0)} bytes charged)")
+    lines.append(f"buffered:  {status.get('buffered_records', 0)} record(s)")
+    for run in status.get("runs", []):
+        pending = ", ".join(f"{v} {k}" for k, v in sorted(run.get("pending", {}).items()))
+        name = f" ({run['run_name']})" if run.get("run_name") else ""
+        lines.append(f"  run {run['run_id']}{name}: {pending}")
+    totals = status.get("totals")
+    if totals:
+        lines.append("totals:    " + ", ".join(f"{k} {int(v)}" for k, v in sorted(totals.items())))
+    dead = status.get("dead_letters", {}).get("recent", [])
+    if dead:
+        lines.append(f"dead letters (latest {len(dead)}):")
+        for d in dead:
+            lines.append(f"  run {d['run_id']}: {d['records']} {d['kind']} record(s): {d['message']}")
+    return "\n".join(lines)

@@ -1,0 +1,275 @@
+"""The agent: builds the pipeline from Settings and owns every component's start and stop.
+
+    sources (HTTP API, proxy)  ->  spool (SQLite) + ledger + catalog  ->  upload (uploader)  ->  upstream
+
+Start order is spool, upstream client, uploader, HTTP; stop is the reverse, with a bounded drain
+of the spool in between so a SIGTERM leaves as little as possible behind (and loses nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+
+from agent import __version__
+from agent.catalog import Catalog
+from agent.config import Settings
+from agent.errors import MlflowApiError
+from agent.ops.health import OpsEndpoints
+from agent.ops.metrics import AgentMetrics
+from agent.sources.mlflow_api import MlflowApi, error_response
+from agent.sources.proxy import Proxy
+from agent.spool.ledger import Ledger
+from agent.spool.store import Spool
+from agent.upload.resolver import Resolver
+from agent.upload.retry import RetryPolicy
+from agent.upload.uploader import Uploader
+from agent.upstream.rest import AuthError, MlflowRest
+from agent.upstream.static import StaticUpstream
+
+log = logging.getLogger("agent")
+
+_OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+_MAINTENANCE_INTERVAL = 30.0
+
+
+class Agent:
+    def __init__(self, settings: Settings, *, env: Mapping[str, str] | None = None, ingest: bool = True) -> None:
+        self.settings = settings
+        self.env = dict(os.environ if env is None else env)
+        self.ingest = ingest
+        self.metrics = AgentMetrics()
+        self.catalog = Catalog()
+        self.spool = Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes,
+                           overflow_policy=settings.overflow_policy, sync_full=settings.spool_sync == "full")
+        self.ledger = Ledger(self.metrics)
+        self.rest: MlflowRest | None = None
+        self.uploader: Uploader | None = None
+        self.resolver: Resolver | None = None
+        self.api: MlflowApi | None = None
+        self.proxy: Proxy | None = None
+        self._runner: web.AppRunner | None = None
+        self._maintenance: asyncio.Task[None] | None = None
+        self.bound_port: int | None = None
+        self.draining = False
+        self.dead_letter_count = 0
+        self._stopped = asyncio.Event()
+
+    # lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.settings
+        self.metrics.spool_limit_bytes.set(s.spool_max_bytes)
+        loaded = await self.spool.open()
+        if loaded.quarantined is not None:
+            self.metrics.spool_quarantined.inc()
+        self.catalog.load(loaded)
+        self.dead_letter_count = loaded.dead_letters
+        if s.upstream is not None:
+            if not s.upstream.startswith(("http://", "https://")):
+                raise ValueError(f"upstream {s.upstream!r}: only http(s):// MLflow servers are supported so far")
+            self.rest = MlflowRest(StaticUpstream(s.upstream, self.env), self.metrics,
+                                   request_timeout=s.request_timeout)
+            await self.rest.start()
+            retry = RetryPolicy(self.metrics, initial=s.retry_initial_backoff, maximum=s.retry_max_backoff,
+                                deadline=s.retry_deadline, on_auth_error=self._renew_credentials)
+            self.resolver = Resolver(self.catalog, self.spool, self.rest, retry)
+            self.uploader = Uploader(spool=self.spool, ledger=self.ledger, catalog=self.catalog, rest=self.rest,
+                                     resolver=self.resolver, retry=retry, max_in_flight=s.upload_max_in_flight,
+                                     linger=s.upload_linger)
+        self.ledger.loaded(loaded.pending)
+        if self.uploader is not None:
+            await self.uploader.start()
+        pending = self.ledger.total_items()
+        log.info("spool %s opened: %d record(s) pending in %d run(s)", self.spool.path, pending,
+                 len(self.ledger.runs()), extra={"pending": pending})
+        if self.ingest:
+            await self._start_http()
+        self._maintenance = asyncio.create_task(self._maintain(), name="spool-maintenance")
+
+    async def _start_http(self) -> None:
+        s = self.settings
+        app = web.Application(client_max_size=s.max_request_bytes, middlewares=[self._guard_middleware()])
+        self.api = MlflowApi(catalog=self.catalog, spool=self.spool, ledger=self.ledger, metrics=self.metrics,
+                             rest=self.rest, resolver=self.resolver, create_run_timeout=s.create_run_timeout)
+        self.proxy = Proxy(self.rest, self.catalog, read_timeout=max(s.request_timeout, 60.0))
+        await self.proxy.start()
+        OpsEndpoints(self.metrics, self.status, self.readiness, self._refresh_gauges).add_routes(app)
+        self.api.add_routes(app)
+        app.router.add_route("*", "/{tail:.*}", self.proxy.handle)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, s.http.host, s.http.port, reuse_address=True)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.bound_port = sockets[0].getsockname()[1] if sockets else s.http.port
+        log.info("listening on http://%s:%s (upstream: %s)", s.http.host, self.bound_port,
+                 s.upstream or "none, offline")
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop taking requests, then upload what is spooled for up to ``timeout`` seconds."""
+        self.draining = True
+        if self._runner is not None:
+            # Closing the listener refuses new connections; requests in flight finish first.
+            for site in list(self._runner.sites):
+                await site.stop()
+        if self.uploader is None:
+            return self.ledger.total_items() == 0
+        pending = self.ledger.total_items()
+        if pending:
+            log.info("draining %d record(s) to the upstream (up to %.0f s)", pending, timeout)
+        return await self.uploader.drain(timeout)
+
+    async def stop(self) -> None:
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintenance
+        if self.api is not None:
+            await self.api.stop()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self.proxy is not None:
+            await self.proxy.stop()
+        if self.uploader is not None:
+            await self.uploader.stop()
+        if self.resolver is not None:
+            await self.resolver.stop()
+        if self.rest is not None:
+            await self.rest.stop()
+        left = self.ledger.total_items()
+        await self.spool.close()
+        if left:
+            log.info("stopped with %d record(s) kept in the spool for the next start or `sync`", left,
+                     extra={"pending": left})
+        else:
+            log.info("stopped; the spool is empty")
+        self._stopped.set()
+
+    async def run_until_signalled(self) -> int:
+        """``python -m agent run``: serve until SIGTERM/SIGINT, drain, stop. Returns the exit code."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        await stop.wait()
+        log.info("signal received: shutting down")
+        await self.drain(self.settings.drain_timeout)
+        await self.stop()
+        return 0
+
+    # security ---------------------------------------------------------------------------------
+
+    def _guard_middleware(self) -> Callable[..., Any]:
+        token = self.settings.ingest_token
+        host = self.settings.http.host
+        allowed = set(_LOOPBACK_NAMES) | {host.strip("[]")}
+        check_host = host.strip("[]") not in ("0.0.0.0", "::")
+
+        @web.middleware
+        async def guard(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                        ) -> web.StreamResponse:
+            if request.path in _OPEN_PATHS:
+                return await handler(request)
+            if token is not None:
+                given = request.headers.get("Authorization", "")
+                if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                    return error_response(MlflowApiError(
+                        "UNAUTHENTICATED", "mlflow-agent needs 'Authorization: Bearer <ingest token>' "
+                        "(set MLFLOW_TRACKING_TOKEN in the training environment)"))
+            elif check_host:
+                # DNS rebinding guard: a web page must not reach a loopback service by a foreign name.
+                name = (request.host or "").rsplit(":", 1)[0].strip("[]") if request.host else ""
+                if name not in allowed:
+                    return error_response(MlflowApiError(
+                        "PERMISSION_DENIED", f"mlflow-agent: host {name!r} not allowed"))
+            return await handler(request)
+
+        return guard
+
+    async def _renew_credentials(self, error: AuthError) -> None:
+        if self.rest is not None:
+            await self.rest.provider.refresh(error.message)
+
+    # operations -------------------------------------------------------------------------------
+
+    async def _maintain(self) -> None:
+        while True:
+            await asyncio.sleep(_MAINTENANCE_INTERVAL)
+            try:
+                await self.spool.maintenance()
+            except Exception:
+                log.exception("spool maintenance failed")
+            self._refresh_gauges()
+
+    def _refresh_gauges(self) -> None:
+        self.metrics.spool_file_bytes.set(self.spool.file_bytes())
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        checks = {
+            "listening": self.bound_port is not None and not self.draining,
+            "spool_writable": self.spool.last_commit_error is None,
+        }
+        detail: dict[str, Any] = {"checks": checks}
+        if self.spool.last_commit_error:
+            detail["spool_error"] = self.spool.last_commit_error
+        if self.draining:
+            detail["reason"] = "draining"
+        return all(checks.values()), detail
+
+    async def status(self) -> dict[str, Any]:
+        runs = []
+        for run in sorted(self.ledger.runs()):
+            entry = self.catalog.run(run)
+            runs.append({
+                "run_id": run,
+                "upstream_id": entry.upstream_id if entry else run,
+                "provisional": bool(entry and entry.provisional),
+                "run_name": entry.info.get("run_name") if entry else None,
+                "pending": self.ledger.run_breakdown(run),
+            })
+        dead = await self.spool.dead_letters(20)
+        upstream: dict[str, Any] = {"url": self.settings.upstream, "offline": self.rest is None}
+        if self.rest is not None:
+            upstream.update(up=self.rest.health.up, last_error=self.rest.health.last_error)
+        return {
+            "version": __version__,
+            "time": time.time(),
+            "draining": self.draining,
+            "upstream": upstream,
+            "spool": {
+                "path": str(self.spool.path),
+                "charged_bytes": self.ledger.bytes,
+                "limit_bytes": self.settings.spool_max_bytes,
+                "file_bytes": self.spool.file_bytes(),
+                "overflow_policy": self.settings.overflow_policy,
+            },
+            "buffered_records": self.ledger.total_items(),
+            "buffered_by_kind": self.ledger.by_kind(),
+            "runs": runs,
+            "experiments_pending": [e.name for e in self.catalog.pending_experiments()],
+            "dead_letters": {"recent": dead},
+            "totals": _totals(self.metrics),
+        }
+
+
+def _totals(metrics: AgentMetrics) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for family in metrics.registry.collect():
+        if family.type != "counter" or not family.name.startswith("mlflow_agent_records_"):
+            continue
+        name = family.name.removeprefix("mlflow_agent_records_")
+        out[name] = sum(s.value for s in family.samples if s.name.endswith("_total"))
+    return out

@@ -1,0 +1,522 @@
+"""The MLflow REST API, answered locally (aiohttp).
+
+Writes are validated as the MLflow server would, made durable in the spool and answered; only then
+does the client get its 200. Reads of runs and experiments go to the upstream when it answers in
+time and fall back to what the agent knows. ``runs/create`` makes one bounded attempt upstream so
+the client gets a real id when it can, and a provisional one when it cannot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from agent import validation
+from agent.catalog import Catalog, RunEntry, generate_run_name, new_id
+from agent.errors import MlflowApiError, invalid, run_not_active, run_not_found, unavailable
+from agent.ops.metrics import AgentMetrics
+from agent.records import PROVISIONAL_TAG, RUN_ID_TAGS, Kind, Record
+from agent.spool.ledger import Ledger
+from agent.spool.store import CatalogWrite, ParamPut, Spool, SpoolClosed, SpoolFull, TagPut
+from agent.upload.resolver import Resolver
+from agent.upstream.rest import MlflowRest, PermanentError, UpstreamError
+
+log = logging.getLogger("agent.sources.mlflow_api")
+
+PREFIX = "/api/2.0/mlflow/"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# What the client asks before artifact uploads; "false" keeps it on plain PUTs the agent can see.
+SERVER_INFO = {
+    "store_type": "SqlStore",
+    "workspaces_enabled": False,
+    "multipart_uploads_enabled": False,
+    "multipart_downloads_enabled": False,
+    "artifacts_presigned_only": False,
+}
+
+
+def json_response(payload: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(payload), status=status, content_type="application/json",
+                        headers=headers)
+
+
+def error_response(error: MlflowApiError) -> web.Response:
+    headers = {"Retry-After": str(int(error.retry_after))} if error.retry_after else None
+    return json_response(error.body(), status=error.status, headers=headers)
+
+
+class MlflowApi:
+    def __init__(
+        self,
+        *,
+        catalog: Catalog,
+        spool: Spool,
+        ledger: Ledger,
+        metrics: AgentMetrics,
+        rest: MlflowRest | None,
+        resolver: Resolver | None,
+        create_run_timeout: float,
+        overflow_retry_after: float = 5.0,
+    ) -> None:
+        self.catalog = catalog
+        self.spool = spool
+        self.ledger = ledger
+        self.metrics = metrics
+        self.rest = rest
+        self.resolver = resolver
+        self.create_run_timeout = create_run_timeout
+        self.overflow_retry_after = overflow_retry_after
+        self._discovering: dict[str, asyncio.Future[RunEntry]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    def add_routes(self, app: web.Application) -> None:
+        post = {
+            "runs/log-batch": self.log_batch,
+            "runs/log-metric": self.log_metric,
+            "runs/log-parameter": self.log_param,
+            "runs/set-tag": self.set_tag,
+            "runs/delete-tag": self.delete_tag,
+            "runs/update": self.update_run,
+            "runs/create": self.create_run,
+            "experiments/create": self.create_experiment,
+        }
+        get = {
+            "runs/get": self.get_run,
+            "experiments/get-by-name": self.get_experiment_by_name,
+            "experiments/get": self.get_experiment,
+        }
+        for prefix in ("/api/2.0/mlflow/", "/ajax-api/2.0/mlflow/"):
+            for path, handler in post.items():
+                app.router.add_post(prefix + path, self._guard(path, handler))
+            for path, handler in get.items():
+                app.router.add_get(prefix + path, self._guard(path, handler), allow_head=False)
+        app.router.add_get("/api/3.0/mlflow/server-info", self.server_info, allow_head=False)
+
+    async def stop(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        for task in list(self._background):
+            with contextlib.suppress(BaseException):
+                await task
+
+    def _guard(self, endpoint: str, handler: Handler) -> Handler:
+        """Turns MlflowApiError into MLflow's error JSON, and storage trouble into a retryable 503."""
+
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            try:
+                return await handler(request)
+            except MlflowApiError as exc:
+                self.metrics.rejected.labels(endpoint=endpoint, error_code=exc.error_code).inc()
+                return error_response(exc)
+            except SpoolFull as exc:
+                self.metrics.rejected.labels(endpoint=endpoint, error_code="REQUEST_LIMIT_EXCEEDED").inc()
+                err = MlflowApiError("REQUEST_LIMIT_EXCEEDED", f"mlflow-agent: spool is full ({exc}); retry later",
+                                     retry_after=self.overflow_retry_after)
+                return error_response(err)
+            except (sqlite3.Error, SpoolClosed, OSError) as exc:
+                self.metrics.rejected.labels(endpoint=endpoint, error_code="TEMPORARILY_UNAVAILABLE").inc()
+                log.error("could not make %s durable: %s", endpoint, exc)
+                return error_response(unavailable(f"mlflow-agent could not store the request: {exc}"))
+
+        return guarded
+
+    # --- writes -------------------------------------------------------------------------------
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        validation.check_content_type(request.headers.get("Content-Type"))
+        return validation.parse_json_object(await request.read())
+
+    async def log_batch(self, request: web.Request) -> web.Response:
+        return await self._log(validation.log_batch(await self._body(request)), batch=True)
+
+    async def log_metric(self, request: web.Request) -> web.Response:
+        return await self._log(validation.log_metric(await self._body(request)), batch=False)
+
+    async def log_param(self, request: web.Request) -> web.Response:
+        return await self._log(validation.log_param(await self._body(request)), batch=False)
+
+    async def set_tag(self, request: web.Request) -> web.Response:
+        return await self._log(validation.set_tag(await self._body(request)), batch=False)
+
+    async def _log(self, lb: validation.LogBatch, *, batch: bool) -> web.Response:
+        entry = await self._writable_run(lb.run_id)
+        run = entry.run_id
+        conflicts = [(k, entry.params[k], v) for k, v in lb.params if k in entry.params and entry.params[k] != v]
+        if conflicts:
+            raise invalid(_param_conflict_message(run, conflicts, batch))
+        new_params = [(k, v) for k, v in lb.params if k not in entry.params]
+        records: list[Record] = []
+        writes: list[CatalogWrite] = []
+        if lb.params:
+            records.append(Record(run, Kind.PARAMS, lb.params))
+            writes.extend(ParamPut(run, k, v) for k, v in new_params)
+        if lb.metrics:
+            records.append(Record(run, Kind.METRICS, lb.metrics))
+        if lb.tags:
+            records.append(Record(run, Kind.TAGS, lb.tags))
+            writes.extend(TagPut(run, k, v) for k, v in lb.tags)
+        if not records:
+            return json_response({})
+        # Reserve the params before waiting for the commit, so a concurrent request with a
+        # different value is refused; give them back if the commit fails.
+        entry.params.update(new_params)
+        try:
+            result = await self.spool.append(records, writes)
+        except BaseException:
+            for k, _ in new_params:
+                entry.params.pop(k, None)
+            raise
+        self.ledger.appended(result, "http")
+        for k, v in lb.tags:
+            entry.tags[k] = v
+            if k == "mlflow.runName":
+                entry.info["run_name"] = v
+        for item in lb.metrics:
+            self.catalog.note_metric(entry, item[0], item[1], item[2], item[3])
+        return json_response({})
+
+    async def delete_tag(self, request: web.Request) -> web.Response:
+        run_id, key = validation.delete_tag(await self._body(request))
+        entry = await self._writable_run(run_id)
+        if entry.complete and key not in entry.tags:
+            raise MlflowApiError("RESOURCE_DOES_NOT_EXIST", f"No tag with name: {key} in run with id {run_id}")
+        result = await self.spool.append([Record(entry.run_id, Kind.DELETE_TAG, {"key": key})],
+                                         [TagPut(entry.run_id, key, None)])
+        self.ledger.appended(result, "http")
+        entry.tags.pop(key, None)
+        return json_response({})
+
+    async def update_run(self, request: web.Request) -> web.Response:
+        ur = validation.update_run(await self._body(request))
+        entry = await self._writable_run(ur.run_id)
+        payload: dict[str, Any] = {}
+        if ur.status is not None:
+            payload["status"] = ur.status
+        if ur.end_time is not None:
+            payload["end_time"] = ur.end_time
+        if ur.run_name is not None:
+            payload["run_name"] = ur.run_name
+        if payload:
+            entry.info.update(payload)
+            writes: list[CatalogWrite] = [entry.upsert()]
+            if ur.run_name is not None:
+                entry.tags["mlflow.runName"] = ur.run_name
+                writes.append(TagPut(entry.run_id, "mlflow.runName", ur.run_name))
+            result = await self.spool.append([Record(entry.run_id, Kind.UPDATE_RUN, payload)], writes)
+            self.ledger.appended(result, "http")
+        return json_response({"run_info": self.catalog.run_info_json(entry)})
+
+    async def _writable_run(self, run_id: str) -> RunEntry:
+        entry = self.catalog.run(run_id) or await self._discover(run_id)
+        if entry.deleted:
+            raise run_not_active(run_id)
+        return entry
+
+    async def _discover(self, run_id: str) -> RunEntry:
+        """First write to a run id the agent has never seen: an upstream run (e.g. an Azure ML job's).
+
+        While the upstream answers, ask it once, so a mistyped id gets MLflow's 404 as it would
+        without the agent; otherwise take the id on trust (the upload dead-letters it if wrong).
+        """
+        pending = self._discovering.get(run_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[RunEntry] = asyncio.get_running_loop().create_future()
+        self._discovering[run_id] = fut
+        try:
+            entry = await self._fetch_unknown_run(run_id)
+            fut.set_result(entry)
+            return entry
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: concurrent waiters see it too
+            raise
+        finally:
+            self._discovering.pop(run_id, None)
+
+    async def _fetch_unknown_run(self, run_id: str) -> RunEntry:
+        answer: dict[str, Any] | None = None
+        if self.rest is not None and not self.rest.health.known_down:
+            try:
+                answer = await self.rest.call("GET", "runs/get", params={"run_id": run_id},
+                                              timeout=self.create_run_timeout)
+            except PermanentError as exc:
+                if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                    raise run_not_found(run_id) from exc
+            except UpstreamError:
+                answer = None
+        existing = self.catalog.run(run_id)  # learnt meanwhile by a concurrent request
+        if existing is not None:
+            return existing
+        if answer is not None and isinstance(answer.get("run"), dict):
+            entry = self._entry_from_upstream(run_id, answer["run"])
+        else:
+            entry = RunEntry(run_id, run_id, False, {"experiment_id": None}, complete=False)
+        await self.spool.write_catalog(self._entry_writes(entry))
+        self.catalog.add_run(entry)
+        return entry
+
+    def _entry_from_upstream(self, run_id: str, run: dict[str, Any]) -> RunEntry:
+        info = dict(run.get("info") or {})
+        upstream_id = str(info.get("run_id") or run_id)
+        exp = info.get("experiment_id")
+        info["experiment_id"] = self.catalog.client_experiment_id(str(exp)) if exp is not None else None
+        for key in ("run_id", "run_uuid"):
+            info.pop(key, None)
+        data = run.get("data") or {}
+        params = {p["key"]: p.get("value", "") for p in data.get("params") or [] if isinstance(p, dict)}
+        tags = {t["key"]: t.get("value", "") for t in data.get("tags") or [] if isinstance(t, dict)}
+        return RunEntry(run_id, upstream_id, False, info, params=params, tags=tags, complete=True)
+
+    def _entry_writes(self, entry: RunEntry) -> list[CatalogWrite]:
+        writes: list[CatalogWrite] = [entry.upsert()]
+        writes.extend(ParamPut(entry.run_id, k, v) for k, v in entry.params.items())
+        writes.extend(TagPut(entry.run_id, k, v) for k, v in entry.tags.items())
+        return writes
+
+    # --- runs/create --------------------------------------------------------------------------
+
+    async def create_run(self, request: web.Request) -> web.Response:
+        cr = validation.create_run(await self._body(request))
+        experiment = self.catalog.experiment(cr.experiment_id)
+        if experiment is not None and experiment.info.get("lifecycle_stage") == "deleted":
+            raise invalid(f"The experiment {cr.experiment_id} must be in the 'active' state. "
+                          "Current state is deleted.")
+        tags = [list(t) for t in cr.tags]
+        start_time = cr.start_time if cr.start_time is not None else int(time.time() * 1000)
+        provisional_id = new_id()
+        answer = await self._create_upstream_now(provisional_id, cr, tags, start_time)
+        if answer is not None:
+            return await self._created_upstream(cr, answer)
+        run_name = cr.run_name or _tag(tags, "mlflow.runName") or generate_run_name()
+        if _tag(tags, "mlflow.runName") is None:
+            tags.append(["mlflow.runName", run_name])
+        info: dict[str, Any] = {
+            "experiment_id": cr.experiment_id,
+            "run_name": run_name,
+            "user_id": cr.user_id or "",
+            "status": "RUNNING",
+            "start_time": start_time,
+            "artifact_uri": f"mlflow-artifacts:/{cr.experiment_id}/{provisional_id}/artifacts",
+            "lifecycle_stage": "active",
+        }
+        entry = RunEntry(provisional_id, None, True, info, tags={k: v for k, v in tags}, complete=True)
+        payload = {"experiment_id": cr.experiment_id, "user_id": cr.user_id, "run_name": run_name,
+                   "start_time": start_time, "tags": tags}
+        writes = self._entry_writes(entry)
+        result = await self.spool.append([Record(provisional_id, Kind.CREATE_RUN, payload)], writes)
+        self.catalog.add_run(entry)
+        self.ledger.appended(result, "http")
+        log.info("run %s created provisionally (upstream %s)", provisional_id,
+                 "not configured" if self.rest is None else "did not answer in time")
+        return json_response(self.catalog.run_json(entry))
+
+    async def _create_upstream_now(self, provisional_id: str, cr: validation.CreateRun, tags: list[list[str]],
+                                   start_time: int) -> dict[str, Any] | None:
+        """The bounded attempt: the upstream's answer, or None to go provisional."""
+        if self.rest is None or self.resolver is None or self.rest.health.known_down:
+            return None
+        experiment = self.catalog.upstream_experiment_id(cr.experiment_id)
+        if experiment is None:
+            return None
+        upstream_tags = []
+        for key, value in tags:
+            if key in RUN_ID_TAGS and self.catalog.run(value) is not None:
+                mapped = self.catalog.upstream_run_id(value)
+                if mapped is None:
+                    return None  # the parent is not upstream yet
+                value = mapped
+            upstream_tags.append({"key": key, "value": value})
+        # The idempotency key: if this answer is lost, the uploader finds the run by it.
+        upstream_tags.append({"key": PROVISIONAL_TAG, "value": provisional_id})
+        body: dict[str, Any] = {"experiment_id": experiment, "start_time": start_time, "tags": upstream_tags}
+        if cr.user_id is not None:
+            body["user_id"] = cr.user_id
+        if cr.run_name is not None:
+            body["run_name"] = cr.run_name
+        task = self.resolver.attempt_create_now(provisional_id, body, self.create_run_timeout)
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), self.create_run_timeout)
+        except PermanentError as exc:
+            raise MlflowApiError(exc.error_code or "BAD_REQUEST", exc.message) from exc
+        except asyncio.TimeoutError:
+            self._track(self._late_create(provisional_id, task))
+            return None
+
+    async def _late_create(self, provisional_id: str, task: asyncio.Task[dict[str, Any] | None]) -> None:
+        """The upstream answered after the client got the provisional id: map it now."""
+        try:
+            answer = await task
+        except Exception:
+            return
+        if answer is None or self.resolver is None:
+            return
+        entry = self.catalog.run(provisional_id)
+        if entry is not None and entry.upstream_id is None:
+            await self.resolver.mapped(provisional_id, str(answer["run"]["info"]["run_id"]))
+
+    async def _created_upstream(self, cr: validation.CreateRun, answer: dict[str, Any]) -> web.Response:
+        run = answer["run"]
+        real_id = str(run["info"]["run_id"])
+        entry = self._entry_from_upstream(real_id, run)
+        entry.info["experiment_id"] = cr.experiment_id
+        await self.spool.write_catalog(self._entry_writes(entry))
+        self.catalog.add_run(entry)
+        run["info"]["experiment_id"] = cr.experiment_id
+        return json_response(answer)
+
+    def _track(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # --- reads --------------------------------------------------------------------------------
+
+    async def get_run(self, request: web.Request) -> web.Response:
+        run_id = validation.get_run(request.query)
+        entry = self.catalog.run(run_id)
+        upstream_id = self.catalog.upstream_run_id(run_id)
+        if self.rest is None or upstream_id is None or (entry is not None and self.rest.health.known_down):
+            return self._local_run(run_id, entry)
+        try:
+            answer = await self.rest.call("GET", "runs/get", params={"run_id": upstream_id},
+                                          timeout=self.create_run_timeout)
+        except PermanentError as exc:
+            raise MlflowApiError(exc.error_code or "BAD_REQUEST", exc.message) from exc
+        except UpstreamError:
+            return self._local_run(run_id, entry)
+        run = answer.get("run")
+        if not isinstance(run, dict) or not isinstance(run.get("info"), dict):
+            return self._local_run(run_id, entry)
+        if entry is None:
+            entry = self._entry_from_upstream(run_id, run)
+            await self.spool.write_catalog(self._entry_writes(entry))
+            self.catalog.add_run(entry)
+        info = run["info"]
+        info["run_id"] = info["run_uuid"] = run_id
+        if entry.info.get("experiment_id") is not None:
+            info["experiment_id"] = entry.info["experiment_id"]
+        if info.get("lifecycle_stage") == "deleted":
+            entry.info["lifecycle_stage"] = "deleted"
+        if self.ledger.run_items(run_id):
+            # Writes not uploaded yet: the run's own fields as the client last set them.
+            for key in ("status", "end_time", "run_name"):
+                if entry.info.get(key) is not None:
+                    info[key] = entry.info[key]
+        return json_response(answer)
+
+    def _local_run(self, run_id: str, entry: RunEntry | None) -> web.Response:
+        if entry is None or entry.info.get("experiment_id") is None:
+            if self.rest is None:
+                raise run_not_found(run_id)
+            raise unavailable(f"mlflow-agent: the upstream is unreachable and run {run_id} is not known locally")
+        return json_response(self.catalog.run_json(entry))
+
+    async def get_experiment_by_name(self, request: web.Request) -> web.Response:
+        name = validation.experiment_name(request.query)
+        local = self.catalog.experiment_by_name(name)
+        if local is not None and local.provisional:
+            return json_response({"experiment": self.catalog.experiment_json(local)})
+        if self.rest is not None and not self.rest.health.known_down:
+            try:
+                answer = await self.rest.call("GET", "experiments/get-by-name",
+                                              params={"experiment_name": name}, timeout=self.create_run_timeout)
+            except PermanentError as exc:
+                raise MlflowApiError(exc.error_code or "BAD_REQUEST", exc.message) from exc
+            except UpstreamError:
+                pass
+            else:
+                await self._remember_experiment(answer.get("experiment"))
+                return json_response(answer)
+        if local is not None:
+            return json_response({"experiment": self.catalog.experiment_json(local)})
+        raise MlflowApiError("RESOURCE_DOES_NOT_EXIST", f"Could not find experiment with name '{name}'")
+
+    async def create_experiment(self, request: web.Request) -> web.Response:
+        ce = validation.create_experiment(await self._body(request))
+        local = self.catalog.experiment_by_name(ce.name)
+        if local is not None and local.provisional:
+            raise MlflowApiError("RESOURCE_ALREADY_EXISTS", f"Experiment(name={ce.name}) already exists.")
+        if self.rest is not None and not self.rest.health.known_down:
+            body: dict[str, Any] = {"name": ce.name}
+            if ce.artifact_location is not None:
+                body["artifact_location"] = ce.artifact_location
+            if ce.tags:
+                body["tags"] = [{"key": k, "value": v} for k, v in ce.tags]
+            try:
+                answer = await self.rest.call("POST", "experiments/create", body=body,
+                                              timeout=self.create_run_timeout)
+            except PermanentError as exc:
+                raise MlflowApiError(exc.error_code or "BAD_REQUEST", exc.message) from exc
+            except UpstreamError:
+                # The create may have reached the upstream; the name resolves it later either way.
+                pass
+            else:
+                await self._remember_experiment({"experiment_id": answer.get("experiment_id"), "name": ce.name,
+                                                 "lifecycle_stage": "active"})
+                return json_response(answer)
+        if local is not None:
+            raise MlflowApiError("RESOURCE_ALREADY_EXISTS", f"Experiment(name={ce.name}) already exists.")
+        entry = self.catalog.add_provisional_experiment(ce.name, ce.artifact_location, ce.tags)
+        await self.spool.write_catalog([entry.upsert()])
+        log.info("experiment %r created provisionally as %s", ce.name, entry.experiment_id)
+        return json_response({"experiment_id": entry.experiment_id})
+
+    async def get_experiment(self, request: web.Request) -> web.Response:
+        eid = validation.experiment_id(request.query)
+        local = self.catalog.experiment(eid)
+        upstream_id = self.catalog.upstream_experiment_id(eid)
+        if self.rest is not None and upstream_id is not None and not self.rest.health.known_down:
+            try:
+                answer = await self.rest.call("GET", "experiments/get", params={"experiment_id": upstream_id},
+                                              timeout=self.create_run_timeout)
+            except PermanentError as exc:
+                raise MlflowApiError(exc.error_code or "BAD_REQUEST", exc.message) from exc
+            except UpstreamError:
+                pass
+            else:
+                experiment = answer.get("experiment")
+                if isinstance(experiment, dict):
+                    await self._remember_experiment(dict(experiment))
+                    experiment["experiment_id"] = eid
+                return json_response(answer)
+        if local is not None:
+            return json_response({"experiment": self.catalog.experiment_json(local)})
+        if self.rest is None:
+            raise MlflowApiError("RESOURCE_DOES_NOT_EXIST", f"No Experiment with id={eid} exists")
+        raise unavailable(f"mlflow-agent: the upstream is unreachable and experiment {eid} is not known locally")
+
+    async def _remember_experiment(self, experiment: object) -> None:
+        if isinstance(experiment, dict):
+            write = self.catalog.remember_experiment(experiment)
+            if write is not None:
+                await self.spool.write_catalog([write])
+
+    async def server_info(self, request: web.Request) -> web.Response:
+        del request
+        return json_response(SERVER_INFO)
+
+
+def _tag(tags: list[list[str]], key: str) -> str | None:
+    for k, v in tags:
+        if k == key:
+            return v
+    return None
+
+
+def _param_conflict_message(run_id: str, conflicts: list[tuple[str, str, str]], batch: bool) -> str:
+    if not batch and len(conflicts) == 1:
+        key, old, new = conflicts[0]
+        return (f"Changing param values is not allowed. Param with key='{key}' was already logged with "
+                f"value='{old}' for run ID='{run_id}'. Attempted logging new value '{new}'.")
+    listed = ", ".join(f"{{'key': '{k}', 'old_value': '{o}', 'new_value': '{n}'}}" for k, o, n in conflicts)
+    return f"Changing param values is not allowed. Params were already logged='[{listed}]' for run ID='{run_id}'."

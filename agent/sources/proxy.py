@@ -1,0 +1,147 @@
+"""Everything the agent does not answer itself goes to the upstream as an authenticated pass-through.
+
+Bodies and answers are streamed (artifact uploads can be large). Provisional ids the client holds
+are translated wherever they appear in the path, the query string or a JSON body's top level; a
+provisional id with no upstream run yet gets a 503 with Retry-After, which the client retries.
+The client's own Authorization is never forwarded: the agent's credentials are used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict, MultiDict
+
+from agent.catalog import Catalog
+from agent.errors import MlflowApiError, unavailable
+from agent.sources.mlflow_api import error_response
+from agent.upstream.rest import USER_AGENT, MlflowRest
+
+log = logging.getLogger("agent.sources.proxy")
+
+_HOP_BY_HOP = frozenset(
+    h.lower() for h in (
+        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
+        "Transfer-Encoding", "Upgrade", "Host", "Authorization", "Content-Length",
+    )
+)
+_JSON_TRANSLATE_LIMIT = 8 * 1024 * 1024
+_CHUNK = 64 * 1024
+
+
+class NotYetUpstream(Exception):
+    def __init__(self, client_id: str) -> None:
+        super().__init__(client_id)
+        self.client_id = client_id
+
+
+class Proxy:
+    def __init__(self, rest: MlflowRest | None, catalog: Catalog, *, read_timeout: float) -> None:
+        self.rest = rest
+        self.catalog = catalog
+        self.read_timeout = read_timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        if self.rest is not None:
+            connector = aiohttp.TCPConnector(limit=32, ssl=self.rest.provider.ssl)
+            # No decompression: bytes pass through as the upstream sent them, with their encoding.
+            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+
+    async def stop(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if self.rest is None or self._session is None:
+            return error_response(MlflowApiError(
+                "TEMPORARILY_UNAVAILABLE",
+                f"mlflow-agent runs offline (--upstream none): {request.method} {request.path} needs an upstream",
+            ))
+        try:
+            path = "/".join(self._translate_str(seg) for seg in request.path.split("/"))
+            query = MultiDict((k, self._translate_str(v)) for k, v in request.query.items())
+            data: Any = None
+            if request.body_exists:
+                data = await self._body(request)
+        except NotYetUpstream as exc:
+            return error_response(unavailable(
+                f"mlflow-agent: {exc.client_id} is not created upstream yet; retry shortly", retry_after=5))
+        creds = await self.rest.provider.credentials()
+        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP)
+        headers.update(creds.headers)
+        headers.setdefault("User-Agent", USER_AGENT)
+        if request.content_length is not None and not isinstance(data, bytes):
+            headers["Content-Length"] = str(request.content_length)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.read_timeout)
+        url = creds.base_url + path
+        try:
+            async with self._session.request(request.method, url, params=query, data=data, headers=headers,
+                                             timeout=timeout, allow_redirects=False) as upstream:
+                response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+                for key, value in upstream.headers.items():
+                    if key.lower() not in _HOP_BY_HOP:
+                        response.headers.add(key, value)
+                if upstream.content_length is not None:
+                    response.content_length = upstream.content_length
+                await response.prepare(request)
+                async for chunk in upstream.content.iter_chunked(_CHUNK):
+                    await response.write(chunk)
+                await response.write_eof()
+                return response
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            self.rest.health.failed(f"{type(exc).__name__}: {exc}")
+            return error_response(unavailable(f"mlflow-agent: upstream unreachable: {type(exc).__name__}"))
+
+    async def _body(self, request: web.Request) -> Any:
+        is_json = request.content_type == "application/json"
+        small = request.content_length is not None and request.content_length <= _JSON_TRANSLATE_LIMIT
+        if not (is_json and small):
+            return _stream(request)
+        raw = await request.read()
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return raw  # not ours to judge: the upstream answers it
+        if isinstance(body, dict):
+            translated = {k: self._translate_value(v) for k, v in body.items()}
+            if translated != body:
+                return orjson.dumps(translated)
+        return raw
+
+    def _translate_value(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self._translate_str(value)
+        if isinstance(value, list):
+            return [self._translate_str(v) if isinstance(v, str) else v for v in value]
+        return value
+
+    def _translate_str(self, value: str) -> str:
+        return _translate(value, self.catalog)
+
+
+def _translate(value: str, catalog: Catalog) -> str:
+    lookups: tuple[tuple[dict[str, Any], Callable[[str], str | None]], ...] = (
+        (catalog.runs, catalog.upstream_run_id),
+        (catalog.experiments, catalog.upstream_experiment_id),
+    )
+    for table, to_upstream in lookups:
+        entry = table.get(value)
+        if entry is not None and getattr(entry, "provisional", False):
+            upstream = to_upstream(value)
+            if upstream is None:
+                raise NotYetUpstream(value)
+            return upstream
+    return value
+
+
+async def _stream(request: web.Request) -> Any:
+    async for chunk in request.content.iter_chunked(_CHUNK):
+        yield chunk

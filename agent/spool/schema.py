@@ -1,0 +1,61 @@
+"""The spool's SQLite schema.
+
+One file, ``spool.db``, in WAL mode. ``records`` is the durable queue (one row per client request
+and kind, in arrival order); the other tables are what the agent knows about runs and experiments,
+written in the same transactions as the records they explain, so a crash never leaves them apart.
+"""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+
+# auto_vacuum must be chosen before the first table exists: INCREMENTAL lets the agent hand freed
+# pages back to the file system in small steps instead of one long VACUUM.
+CREATE = """
+PRAGMA auto_vacuum = INCREMENTAL;
+CREATE TABLE IF NOT EXISTS records (
+    seq   INTEGER PRIMARY KEY AUTOINCREMENT,  -- arrival order, never reused
+    run   TEXT    NOT NULL,                   -- run id as the client knows it
+    kind  INTEGER NOT NULL,                   -- agent.records.Kind
+    n     INTEGER NOT NULL,                   -- items in body
+    done  INTEGER NOT NULL DEFAULT 0,         -- items already delivered upstream
+    size  INTEGER NOT NULL,                   -- bytes charged against the spool limit
+    body  BLOB    NOT NULL                    -- orjson payload
+);
+CREATE INDEX IF NOT EXISTS records_by_run ON records (run, seq);
+CREATE INDEX IF NOT EXISTS records_by_kind ON records (kind, seq);
+CREATE TABLE IF NOT EXISTS runs (
+    run         TEXT PRIMARY KEY,             -- id the client uses
+    upstream_id TEXT,                         -- NULL while provisional and not yet created upstream
+    provisional INTEGER NOT NULL DEFAULT 0,   -- 1 if the agent minted the id
+    info        BLOB NOT NULL                 -- orjson: experiment_id, run_name, status, times, ...
+);
+CREATE TABLE IF NOT EXISTS run_params (
+    run TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (run, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS run_tags (
+    run TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (run, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS experiments (
+    id          TEXT PRIMARY KEY,             -- id the client uses
+    upstream_id TEXT,                         -- NULL while provisional and not yet resolved
+    provisional INTEGER NOT NULL DEFAULT 0,
+    name        TEXT NOT NULL,
+    info        BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    run        TEXT    NOT NULL,
+    kind       INTEGER NOT NULL,
+    n          INTEGER NOT NULL,
+    body       BLOB    NOT NULL,
+    status     INTEGER,                       -- upstream HTTP status, if any
+    error_code TEXT,
+    message    TEXT    NOT NULL,
+    at         REAL    NOT NULL               -- unix time
+);
+"""
+
+# Charged per row on top of the payload: SQLite's own row and index overhead, roughly. It keeps a
+# spool of many tiny rows from exceeding its byte limit on disk by much.
+ROW_OVERHEAD = 48

@@ -1,0 +1,627 @@
+"""The durable queue: SQLite in WAL mode, owned by one writer thread, with group commit.
+
+Every operation is a job run on the writer thread. The thread takes all jobs queued at that moment,
+runs them in one transaction (each inside its own SAVEPOINT, so one failing job does not undo the
+others) and commits once: concurrent requests share a commit. A job's future resolves only after the
+commit, which is what lets the HTTP source answer "200" only for data that is on disk.
+
+The event loop never touches SQLite; it awaits futures. Counters of what is buffered live on the
+event-loop side (see ``agent.spool.queue``); jobs return the changes they made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from agent.records import Kind, Record
+from agent.spool.schema import CREATE, ROW_OVERHEAD, SCHEMA_VERSION
+
+log = logging.getLogger("agent.spool")
+
+T = TypeVar("T")
+
+DB_NAME = "spool.db"
+_MAX_JOBS_PER_COMMIT = 512
+
+
+class SpoolFull(Exception):
+    """Raised by ``append`` when the records cannot fit, even after the overflow policy ran."""
+
+
+class SpoolClosed(Exception):
+    """Raised for jobs submitted after ``close``."""
+
+
+class SpoolLocked(Exception):
+    """Another process (an agent or ``sync``) holds this spool directory."""
+
+
+# --- what jobs take and return ------------------------------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class RunUpsert:
+    run: str
+    upstream_id: str | None
+    provisional: bool
+    info: dict[str, Any]
+
+
+@dataclass(slots=True, frozen=True)
+class ExperimentUpsert:
+    id: str
+    upstream_id: str | None
+    provisional: bool
+    name: str
+    info: dict[str, Any]
+
+
+@dataclass(slots=True, frozen=True)
+class ParamPut:
+    run: str
+    key: str
+    value: str
+
+
+@dataclass(slots=True, frozen=True)
+class TagPut:
+    run: str
+    key: str
+    value: str | None  # None deletes the tag
+
+
+CatalogWrite = RunUpsert | ExperimentUpsert | ParamPut | TagPut
+
+
+@dataclass(slots=True, frozen=True)
+class RowChange:
+    """Records that left (or entered) the buffer: how many items and bytes, for which run and kind."""
+
+    run: str
+    kind: Kind
+    items: int
+    size: int
+
+
+@dataclass(slots=True)
+class AppendResult:
+    added: list[RowChange]
+    evicted: list[RowChange]  # metric rows dropped by the drop_oldest policy to make room
+
+
+@dataclass(slots=True, frozen=True)
+class Row:
+    seq: int
+    run: str
+    kind: Kind
+    n: int
+    done: int
+    size: int
+    payload: list[Any] | dict[str, Any]
+
+
+@dataclass(slots=True, frozen=True)
+class DeadLetter:
+    row_seq: int
+    items: list[Any] | dict[str, Any]
+    count: int
+    status: int | None
+    error_code: str | None
+    message: str
+
+
+@dataclass(slots=True)
+class AckResult:
+    delivered: list[RowChange]  # items now gone from the buffer because upstream has them
+    dead: list[RowChange]  # items moved to the dead-letter table
+    freed: list[RowChange]  # rows deleted (bytes freed), for byte accounting
+
+
+@dataclass(slots=True)
+class PendingSummary:
+    run: str
+    kind: Kind
+    rows: int
+    items: int
+    size: int
+
+
+@dataclass(slots=True)
+class Loaded:
+    """What a spool held when it was opened."""
+
+    pending: list[PendingSummary] = field(default_factory=list)
+    runs: list[RunUpsert] = field(default_factory=list)
+    params: dict[str, dict[str, str]] = field(default_factory=dict)
+    tags: dict[str, dict[str, str]] = field(default_factory=dict)
+    experiments: list[ExperimentUpsert] = field(default_factory=list)
+    dead_letters: int = 0
+    quarantined: Path | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class _Job:
+    fn: Callable[[sqlite3.Connection], Any]
+    fut: asyncio.Future[Any]
+    in_transaction: bool
+
+
+# --- the spool ----------------------------------------------------------------------------------
+
+
+class Spool:
+    """Async facade over the writer thread. One instance per spool directory."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        max_bytes: int,
+        overflow_policy: str = "drop_oldest",
+        sync_full: bool = False,
+    ) -> None:
+        self.directory = directory
+        self.path = directory / DB_NAME
+        self.max_bytes = max_bytes
+        self.overflow_policy = overflow_policy
+        self.sync_full = sync_full
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._closed = False
+        self._lock_fd: int | None = None
+        # Owned by the writer thread: the bytes charged against max_bytes.
+        self._bytes = 0
+        self.last_commit_error: str | None = None
+
+    # lifecycle --------------------------------------------------------------------------------
+
+    async def open(self) -> Loaded:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
+        self._thread.start()
+        try:
+            return await self._submit(self._open_db)
+        except BaseException:
+            self._closed = True
+            self._jobs.put(None)
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+            raise
+
+    async def close(self) -> None:
+        if self._closed or self._thread is None:
+            return
+        self._closed = True
+        self._jobs.put(None)
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+
+    @property
+    def charged_bytes(self) -> int:
+        return self._bytes
+
+    # public jobs ------------------------------------------------------------------------------
+
+    async def append(self, records: list[Record], catalog: Iterable[CatalogWrite] = ()) -> AppendResult:
+        """Make records (and the catalog facts that go with them) durable. Raises SpoolFull."""
+        encoded = [(r, r.encode()) for r in records]
+        writes = list(catalog)
+        return await self._submit(lambda conn: self._append(conn, encoded, writes))
+
+    async def write_catalog(self, catalog: Iterable[CatalogWrite]) -> None:
+        writes = list(catalog)
+        await self._submit(lambda conn: _apply_catalog(conn, writes))
+
+    async def read_run(self, run: str, limit: int) -> list[Row]:
+        return await self._submit(lambda conn: _read_run(conn, run, limit))
+
+    async def ack(
+        self,
+        progress: dict[int, int],
+        dead: list[DeadLetter] = (),  # type: ignore[assignment]
+        catalog: Iterable[CatalogWrite] = (),
+    ) -> AckResult:
+        """Record delivery: ``progress`` maps row seq -> items of that row now delivered (or dead)."""
+        writes = list(catalog)
+        dead_list = list(dead)
+        return await self._submit(lambda conn: self._ack(conn, progress, dead_list, writes))
+
+    async def dead_letter_run(self, run: str, status: int | None, error_code: str | None, message: str) -> AckResult:
+        """Move everything pending for a run to the dead-letter table (the upstream refuses the run)."""
+        return await self._submit(lambda conn: self._dead_letter_run(conn, run, status, error_code, message))
+
+    async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        return await self._submit(lambda conn: _list_dead_letters(conn, limit))
+
+    async def maintenance(self) -> dict[str, int]:
+        """Give freed pages back to the file system and keep the WAL short."""
+        return await self._submit(_maintenance, in_transaction=False)
+
+    def file_bytes(self) -> int:
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(OSError):
+                total += os.stat(str(self.path) + suffix).st_size
+        return total
+
+    # writer thread ----------------------------------------------------------------------------
+
+    async def _submit(self, fn: Callable[[sqlite3.Connection], T], *, in_transaction: bool = True) -> T:
+        if self._closed:
+            raise SpoolClosed("spool is closed")
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._jobs.put(_Job(fn, fut, in_transaction))
+        return await fut
+
+    def _run(self) -> None:
+        while True:
+            first = self._jobs.get()
+            if first is None:
+                break
+            batch = [first]
+            stop = False
+            while len(batch) < _MAX_JOBS_PER_COMMIT:
+                try:
+                    nxt = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._run_batch(batch)
+            if stop:
+                break
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
+            self._conn = None
+        self._release_lock()
+
+    def _run_batch(self, jobs: list[_Job]) -> None:
+        conn = self._conn
+        # The open job runs before there is a connection; maintenance (checkpoints, vacuum) must
+        # run outside a transaction. Both run alone.
+        alone = [j for j in jobs if conn is None or not j.in_transaction]
+        batch = [(j.fn, j.fut) for j in jobs if conn is not None and j.in_transaction]
+        if batch:
+            assert conn is not None
+            self._run_transaction(conn, batch)
+        for job in alone:
+            try:
+                self._deliver([(job.fut, job.fn(self._conn), None)])  # type: ignore[arg-type]
+            except BaseException as exc:  # delivered to the awaiting coroutine
+                self._deliver([(job.fut, None, exc)])
+
+    def _run_transaction(
+        self, conn: sqlite3.Connection, batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]]
+    ) -> None:
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        bytes_before = self._bytes
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            self._deliver([(fut, None, exc) for _, fut in batch])
+            return
+        for fn, fut in batch:
+            job_bytes = self._bytes
+            conn.execute("SAVEPOINT job")
+            try:
+                result = fn(conn)
+            except BaseException as exc:
+                self._bytes = job_bytes
+                try:
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                except sqlite3.Error:
+                    log.exception("spool: could not roll back a failed job")
+                outcomes.append((fut, None, exc))
+            else:
+                conn.execute("RELEASE job")
+                outcomes.append((fut, result, None))
+        try:
+            conn.execute("COMMIT")
+            self.last_commit_error = None
+        except sqlite3.Error as exc:
+            # Disk full or I/O error: nothing of this batch is durable, so nobody gets a success.
+            self._bytes = bytes_before
+            self.last_commit_error = str(exc)
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            log.error("spool commit failed: %s", exc)
+            outcomes = [(fut, None, exc) for fut, _, _ in outcomes]
+        self._deliver(outcomes)
+
+    def _deliver(self, outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # loop already closed: nobody is waiting
+            self._loop.call_soon_threadsafe(_resolve_all, outcomes)
+
+    # jobs (run on the writer thread) ----------------------------------------------------------
+
+    def _open_db(self, _: None) -> Loaded:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with contextlib.suppress(OSError):
+            os.chmod(self.directory, 0o700)
+        self._take_lock()
+        quarantined: Path | None = None
+        try:
+            conn = self._connect()
+            loaded = _load(conn)
+        except sqlite3.DatabaseError as exc:
+            quarantined = self._quarantine(exc)
+            conn = self._connect()
+            loaded = _load(conn)
+        loaded.quarantined = quarantined
+        self._conn = conn
+        self._bytes = sum(p.size for p in loaded.pending)
+        return loaded
+
+    def _take_lock(self) -> None:
+        """One process per spool: two writers would upload the same records twice."""
+        path = self.directory / "lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise SpoolLocked(f"spool directory {self.directory} is in use by another mlflow-agent "
+                              f"(pid {holder})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
+
+    def _connect(self) -> sqlite3.Connection:
+        old_umask = os.umask(0o077)  # spool files readable by the agent's user only
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        finally:
+            os.umask(old_umask)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {'FULL' if self.sync_full else 'NORMAL'}")
+            conn.execute("PRAGMA journal_size_limit = 67108864")
+            conn.execute("PRAGMA cache_size = -8192")  # 8 MiB page cache: enough, and bounded
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                conn.executescript(CREATE)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif version != SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(f"unknown spool schema version {version}")
+        except BaseException:
+            conn.close()
+            raise
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(OSError):
+                os.chmod(str(self.path) + suffix, 0o600)
+        return conn
+
+    def _quarantine(self, exc: BaseException) -> Path:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = self.directory / f"{DB_NAME}.corrupt-{stamp}"
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(str(self.path) + suffix)
+            if src.exists():
+                src.rename(Path(str(target) + suffix))
+        log.error(
+            "SPOOL UNREADABLE: %s: moved aside to %s and started an empty spool; "
+            "its records were NOT uploaded (inspect or delete the file)",
+            exc,
+            target,
+            extra={"quarantined": str(target)},
+        )
+        return target
+
+    def _append(
+        self, conn: sqlite3.Connection, encoded: list[tuple[Record, bytes]], writes: list[CatalogWrite]
+    ) -> AppendResult:
+        incoming = sum(len(body) + ROW_OVERHEAD for _, body in encoded)
+        evicted: list[RowChange] = []
+        if self._bytes + incoming > self.max_bytes:
+            if self.overflow_policy != "drop_oldest":
+                raise SpoolFull(f"spool holds {self._bytes} of {self.max_bytes} bytes")
+            evicted = self._evict_metrics(conn, self._bytes + incoming - self.max_bytes)
+            if self._bytes + incoming > self.max_bytes:
+                raise SpoolFull(f"spool holds {self._bytes} of {self.max_bytes} bytes and no metric is left to drop")
+        _apply_catalog(conn, writes)
+        added: list[RowChange] = []
+        insert = "INSERT INTO records (run, kind, n, size, body) VALUES (?, ?, ?, ?, ?)"
+        for record, body in encoded:
+            size = len(body) + ROW_OVERHEAD
+            conn.execute(insert, (record.run, int(record.kind), record.count, size, body))
+            added.append(RowChange(record.run, record.kind, record.count, size))
+        self._bytes += incoming
+        return AppendResult(added=added, evicted=evicted)
+
+    def _evict_metrics(self, conn: sqlite3.Connection, need: int) -> list[RowChange]:
+        """Drop the oldest metric rows until ``need`` bytes are free (the drop_oldest policy)."""
+        evicted: list[RowChange] = []
+        freed = 0
+        while freed < need:
+            rows = conn.execute(
+                "SELECT seq, run, n, done, size FROM records WHERE kind = ? ORDER BY seq LIMIT 256",
+                (int(Kind.METRICS),),
+            ).fetchall()
+            if not rows:
+                break
+            victims = []
+            for seq, run, n, done, size in rows:
+                victims.append((seq,))
+                evicted.append(RowChange(run, Kind.METRICS, n - done, size))
+                freed += size
+                if freed >= need:
+                    break
+            conn.executemany("DELETE FROM records WHERE seq = ?", victims)
+        self._bytes -= freed
+        return evicted
+
+    def _ack(
+        self,
+        conn: sqlite3.Connection,
+        progress: dict[int, int],
+        dead: list[DeadLetter],
+        writes: list[CatalogWrite],
+    ) -> AckResult:
+        result = AckResult(delivered=[], dead=[], freed=[])
+        dead_by_seq: dict[int, int] = {}
+        now = time.time()
+        for letter in dead:
+            row = conn.execute("SELECT run, kind FROM records WHERE seq = ?", (letter.row_seq,)).fetchone()
+            if row is None:
+                continue  # the row was evicted meanwhile; its items were counted as dropped
+            conn.execute(
+                "INSERT INTO dead_letters (run, kind, n, body, status, error_code, message, at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (row[0], row[1], letter.count, orjson.dumps(letter.items), letter.status,
+                 letter.error_code, letter.message, now),
+            )
+            dead_by_seq[letter.row_seq] = dead_by_seq.get(letter.row_seq, 0) + letter.count
+            result.dead.append(RowChange(row[0], Kind(row[1]), letter.count, 0))
+        for seq, new_done in progress.items():
+            row = conn.execute("SELECT run, kind, n, done, size FROM records WHERE seq = ?", (seq,)).fetchone()
+            if row is None:
+                continue  # evicted meanwhile (already counted as dropped)
+            run, kind, n, done, size = row
+            moved = min(new_done, n) - done
+            if moved < 0:
+                moved = 0
+            delivered = moved - dead_by_seq.get(seq, 0)
+            if delivered > 0:
+                result.delivered.append(RowChange(run, Kind(kind), delivered, 0))
+            if new_done >= n:
+                conn.execute("DELETE FROM records WHERE seq = ?", (seq,))
+                self._bytes -= size
+                result.freed.append(RowChange(run, Kind(kind), 0, size))
+            elif moved > 0:
+                conn.execute("UPDATE records SET done = ? WHERE seq = ?", (new_done, seq))
+        _apply_catalog(conn, writes)
+        return result
+
+    def _dead_letter_run(
+        self, conn: sqlite3.Connection, run: str, status: int | None, error_code: str | None, message: str
+    ) -> AckResult:
+        result = AckResult(delivered=[], dead=[], freed=[])
+        now = time.time()
+        rows = conn.execute(
+            "SELECT seq, kind, n, done, size, body FROM records WHERE run = ? ORDER BY seq", (run,)
+        ).fetchall()
+        for seq, kind, n, done, size, body in rows:
+            conn.execute(
+                "INSERT INTO dead_letters (run, kind, n, body, status, error_code, message, at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (run, kind, n - done, body, status, error_code, message, now),
+            )
+            conn.execute("DELETE FROM records WHERE seq = ?", (seq,))
+            self._bytes -= size
+            result.dead.append(RowChange(run, Kind(kind), n - done, 0))
+            result.freed.append(RowChange(run, Kind(kind), 0, size))
+        return result
+
+
+# --- helpers run on the writer thread ------------------------------------------------------------
+
+
+def _resolve_all(outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for fut, result, exc in outcomes:
+        if fut.cancelled():
+            continue
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+
+
+def _apply_catalog(conn: sqlite3.Connection, writes: list[CatalogWrite]) -> None:
+    for w in writes:
+        if isinstance(w, ParamPut):
+            conn.execute(
+                "INSERT OR IGNORE INTO run_params (run, key, value) VALUES (?, ?, ?)", (w.run, w.key, w.value)
+            )
+        elif isinstance(w, TagPut):
+            if w.value is None:
+                conn.execute("DELETE FROM run_tags WHERE run = ? AND key = ?", (w.run, w.key))
+            else:
+                conn.execute(
+                    "INSERT OR REPLACE INTO run_tags (run, key, value) VALUES (?, ?, ?)", (w.run, w.key, w.value)
+                )
+        elif isinstance(w, RunUpsert):
+            conn.execute(
+                "INSERT OR REPLACE INTO runs (run, upstream_id, provisional, info) VALUES (?, ?, ?, ?)",
+                (w.run, w.upstream_id, int(w.provisional), orjson.dumps(w.info)),
+            )
+        else:
+            conn.execute(
+                "INSERT OR REPLACE INTO experiments (id, upstream_id, provisional, name, info) VALUES (?, ?, ?, ?, ?)",
+                (w.id, w.upstream_id, int(w.provisional), w.name, orjson.dumps(w.info)),
+            )
+
+
+def _read_run(conn: sqlite3.Connection, run: str, limit: int) -> list[Row]:
+    rows = conn.execute(
+        "SELECT seq, kind, n, done, size, body FROM records WHERE run = ? ORDER BY seq LIMIT ?", (run, limit)
+    ).fetchall()
+    return [Row(seq, run, Kind(kind), n, done, size, orjson.loads(body)) for seq, kind, n, done, size, body in rows]
+
+
+def _load(conn: sqlite3.Connection) -> Loaded:
+    loaded = Loaded()
+    # A cheap structural check: reading every table end to end surfaces a damaged file now, at
+    # start, where it can be moved aside, rather than in the middle of an upload.
+    for run, kind, rows, items, size in conn.execute(
+        "SELECT run, kind, COUNT(*), SUM(n - done), SUM(size) FROM records GROUP BY run, kind"
+    ):
+        loaded.pending.append(PendingSummary(run, Kind(kind), rows, items, size))
+    for run, upstream_id, provisional, info in conn.execute("SELECT run, upstream_id, provisional, info FROM runs"):
+        loaded.runs.append(RunUpsert(run, upstream_id, bool(provisional), orjson.loads(info)))
+    for run, key, value in conn.execute("SELECT run, key, value FROM run_params"):
+        loaded.params.setdefault(run, {})[key] = value
+    for run, key, value in conn.execute("SELECT run, key, value FROM run_tags"):
+        loaded.tags.setdefault(run, {})[key] = value
+    for eid, upstream_id, provisional, name, info in conn.execute(
+        "SELECT id, upstream_id, provisional, name, info FROM experiments"
+    ):
+        loaded.experiments.append(ExperimentUpsert(eid, upstream_id, bool(provisional), name, orjson.loads(info)))
+    loaded.dead_letters = conn.execute("SELECT COALESCE(SUM(n), 0) FROM dead_letters").fetchone()[0]
+    return loaded
+
+
+def _list_dead_letters(conn: sqlite3.Connection, limit: int) -> list[dict[str, Any]]:
+    out = []
+    for id_, run, kind, n, status, code, message, at in conn.execute(
+        "SELECT id, run, kind, n, status, error_code, message, at FROM dead_letters ORDER BY id DESC LIMIT ?",
+        (limit,),
+    ):
+        out.append({"id": id_, "run_id": run, "kind": Kind(kind).label, "records": n, "status": status,
+                    "error_code": code, "message": message, "at": at})
+    return out
+
+
+def _maintenance(conn: sqlite3.Connection) -> dict[str, int]:
+    free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+    if free > 256:
+        conn.execute("PRAGMA incremental_vacuum(4096)").fetchall()
+    # PASSIVE never waits for readers; with journal_size_limit it also shrinks the WAL file.
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    return {"freelist_pages": free}
+
+

@@ -1,0 +1,88 @@
+"""The retry policy for upstream calls, built on tenacity.
+
+Exponential backoff with full jitter, capped; no give-up deadline unless configured (data waits for
+the upstream). A Retry-After from the upstream (429/503) is honoured as given. On 401/403 the
+credential provider is asked to renew, and the first retry after that goes at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_delay,
+    stop_never,
+    wait_random_exponential,
+)
+from tenacity.stop import StopBaseT
+
+from agent.ops.metrics import AgentMetrics
+from agent.upstream.rest import AuthError, TransientError, UpstreamError
+
+log = logging.getLogger("agent.upload")
+
+T = TypeVar("T")
+
+
+class RetryPolicy:
+    def __init__(
+        self,
+        metrics: AgentMetrics,
+        *,
+        initial: float,
+        maximum: float,
+        deadline: float | None,
+        on_auth_error: Callable[[AuthError], Awaitable[object]],
+    ) -> None:
+        self._metrics = metrics
+        self._jitter = wait_random_exponential(multiplier=initial, max=maximum)
+        self._maximum = maximum
+        self._deadline = deadline
+        self._on_auth_error = on_auth_error
+
+    def wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        if isinstance(exc, UpstreamError) and exc.retry_after is not None:
+            return exc.retry_after
+        if isinstance(exc, AuthError) and state.attempt_number == 1:
+            return 0.0  # fresh credentials: try again at once
+        return float(self._jitter(state))
+
+    def stop(self) -> StopBaseT:
+        return stop_after_delay(self._deadline) if self._deadline else stop_never
+
+    async def run(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """Call ``fn`` until it succeeds, fails permanently, or the deadline passes (re-raising)."""
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type((TransientError, AuthError)),
+            wait=self.wait,
+            stop=self.stop(),
+            before_sleep=lambda state: self._before_sleep(what, state),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                try:
+                    return await fn()
+                except AuthError as exc:
+                    await self._on_auth_error(exc)
+                    raise
+        raise AssertionError("unreachable: tenacity re-raises the last error")
+
+    def _before_sleep(self, what: str, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        if isinstance(exc, AuthError):
+            reason = "auth"
+        elif isinstance(exc, UpstreamError) and exc.status is not None:
+            reason = str(exc.status)
+        else:
+            reason = "network"
+        self._metrics.upload_retries.labels(reason=reason).inc()
+        sleep = state.next_action.sleep if state.next_action is not None else 0.0
+        level = logging.INFO if state.attempt_number <= 3 else logging.DEBUG
+        log.log(level, "%s failed (attempt %d, retry in %.1fs): %s", what, state.attempt_number, sleep, exc)

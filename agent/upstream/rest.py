@@ -1,0 +1,197 @@
+"""The MLflow REST client the agent uses towards its upstream: one aiohttp session, a timeout on every
+request, and every failure classified as transient (retry), auth (renew credentials, retry) or
+permanent (dead-letter).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+import orjson
+
+from agent import __version__
+from agent.ops.metrics import AgentMetrics
+from agent.upstream.base import UpstreamProvider
+
+log = logging.getLogger("agent.upstream")
+
+API = "/api/2.0/mlflow/"
+USER_AGENT = f"mlflow-agent/{__version__}"
+_MAX_RETRY_AFTER = 600.0
+
+
+class UpstreamError(Exception):
+    def __init__(self, message: str, *, status: int | None = None, error_code: str | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.error_code = error_code
+        self.retry_after = retry_after
+
+
+class TransientError(UpstreamError):
+    """Connection errors, timeouts, 408, 429 and 5xx (except 501): try again later."""
+
+
+class AuthError(UpstreamError):
+    """401/403: renew credentials, then try again."""
+
+
+class PermanentError(UpstreamError):
+    """Any other 4xx, and 501: the same request will never succeed."""
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), capped."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if seconds != seconds:  # NaN
+        return None
+    return min(max(seconds, 0.0), _MAX_RETRY_AFTER)
+
+
+def classify(status: int, body: bytes, headers: Mapping[str, str]) -> UpstreamError:
+    error_code: str | None = None
+    message = body[:500].decode("utf-8", "replace")
+    try:
+        parsed = orjson.loads(body)
+        if isinstance(parsed, dict):
+            error_code = parsed.get("error_code") if isinstance(parsed.get("error_code"), str) else None
+            if isinstance(parsed.get("message"), str):
+                message = parsed["message"]
+    except orjson.JSONDecodeError:
+        pass
+    retry_after = parse_retry_after(headers.get("Retry-After"))
+    text = f"HTTP {status}" + (f" {error_code}" if error_code else "") + f": {message}"
+    if status in (401, 403):
+        return AuthError(text, status=status, error_code=error_code)
+    if status in (408, 429) or (status >= 500 and status != 501):
+        return TransientError(text, status=status, error_code=error_code, retry_after=retry_after)
+    return PermanentError(text, status=status, error_code=error_code, retry_after=retry_after)
+
+
+class UpstreamHealth:
+    """Whether the upstream answered lately. Ingest skips its bounded create-run attempt while down."""
+
+    def __init__(self, metrics: AgentMetrics) -> None:
+        self._metrics = metrics
+        self.up: bool | None = None  # None: not asked yet
+        self.changed_at = time.monotonic()
+        self.last_error: str | None = None
+
+    def answered(self) -> None:
+        if self.up is not True:
+            if self.up is False:
+                log.info("upstream is reachable again")
+            self.up = True
+            self.changed_at = time.monotonic()
+            self._metrics.upstream_up.set(1)
+        self.last_error = None
+
+    def failed(self, error: str) -> None:
+        if self.up is not False:
+            log.warning("upstream unreachable: %s", error)
+            self.up = False
+            self.changed_at = time.monotonic()
+            self._metrics.upstream_up.set(0)
+        self.last_error = error
+
+    @property
+    def known_down(self) -> bool:
+        return self.up is False
+
+
+class MlflowRest:
+    """Calls the upstream MLflow REST API. One instance per agent; start() before use."""
+
+    def __init__(self, provider: UpstreamProvider, metrics: AgentMetrics, *, request_timeout: float) -> None:
+        self.provider = provider
+        self.health = UpstreamHealth(metrics)
+        self._metrics = metrics
+        self._timeout = request_timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        await self.provider.start()
+        connector = aiohttp.TCPConnector(limit=64, ssl=self.provider.ssl, enable_cleanup_closed=True)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            headers={"User-Agent": USER_AGENT},
+            json_serialize=lambda obj: orjson.dumps(obj).decode(),
+            auto_decompress=True,
+        )
+
+    async def stop(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        await self.provider.stop()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("MlflowRest used before start()")
+        return self._session
+
+    async def call(
+        self,
+        method: str,
+        endpoint: str,
+        *,
+        body: Mapping[str, Any] | None = None,
+        params: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """One JSON call to ``/api/2.0/mlflow/<endpoint>``. Raises an UpstreamError subclass."""
+        creds = await self.provider.credentials()
+        url = f"{creds.base_url}{API}{endpoint}"
+        headers = dict(creds.headers)
+        data: bytes | None = None
+        if body is not None:
+            data = orjson.dumps(body)
+            headers["Content-Type"] = "application/json"
+        limit = aiohttp.ClientTimeout(total=timeout or self._timeout, sock_connect=min(10.0, timeout or 10.0))
+        try:
+            async with self.session.request(method, url, data=data, params=params, headers=headers,
+                                            timeout=limit, allow_redirects=False) as resp:
+                payload = await resp.read()
+                status = resp.status
+                resp_headers = resp.headers
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            reason = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
+            self.health.failed(reason)
+            self._metrics.upstream_requests.labels(endpoint=endpoint, result="network_error").inc()
+            raise TransientError(f"{method} {endpoint}: {reason}") from exc
+        if status == 200:
+            self.health.answered()
+            self._metrics.upstream_requests.labels(endpoint=endpoint, result="ok").inc()
+            if not payload.strip():
+                return {}
+            try:
+                parsed = orjson.loads(payload)
+            except orjson.JSONDecodeError as exc:
+                raise TransientError(f"{method} {endpoint}: answer is not JSON") from exc
+            return parsed if isinstance(parsed, dict) else {}
+        error = classify(status, payload, resp_headers)
+        if status >= 500:
+            self.health.failed(error.message)
+        else:
+            self.health.answered()
+        self._metrics.upstream_requests.labels(endpoint=endpoint, result=str(status)).inc()
+        raise error
