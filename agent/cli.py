@@ -85,6 +85,9 @@ def _settings(args: argparse.Namespace) -> Settings:
     settings = load_settings(values if args.command == "sync" else args)
     if args.command == "sync" and settings.upstream is None:
         raise ConfigError("upstream", "sync needs an upstream to upload to, not 'none'", "--upstream")
+    if settings.upstream is not None and not settings.upstream.startswith(("http://", "https://")):
+        raise ConfigError("upstream", f"{settings.upstream.split(':', 1)[0]}:// upstreams are not supported by "
+                          "this version yet; use an http(s):// MLflow server", "--upstream")
     return settings
 
 

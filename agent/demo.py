@@ -154,10 +154,9 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{proc.args!r} exited: {log.read_text(errors='replace')[-2000:]}")
-        with contextlib.suppress(urllib.error.URLError, OSError):
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
+        with contextlib.suppress(urllib.error.URLError, OSError), urllib.request.urlopen(url, timeout=2) as resp:
+            if resp.status == 200:
+                return
         time.sleep(0.2)
     raise RuntimeError(f"{url} did not answer within {_TIMEOUT:.0f}s; see {log}")
 

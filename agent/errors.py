@@ -6,6 +6,7 @@ The mlflow client keys its behaviour on ``error_code`` (``RESOURCE_DOES_NOT_EXIS
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 # error_code -> (HTTP status, error_class), as MLflow 3.x maps them.
@@ -64,7 +65,7 @@ def missing(param: str) -> MlflowApiError:
 
 def bad_value(value: object, param: str) -> MlflowApiError:
     """The server's wording when a field has the wrong JSON type or an unparsable value."""
-    shown = f'"{value}"' if isinstance(value, str) else _compact(value)
+    shown = _compact(value)
     return invalid(
         f"Invalid value {shown} for parameter '{param}' supplied:  Hint: Value was of type "
         f"'{_py_type_name(value)}'. {_HINT}"
@@ -88,9 +89,8 @@ def _py_type_name(value: object) -> str:
 
 
 def _compact(value: object) -> str:
-    import orjson
-
+    # The server prints values with json.dumps(sort_keys=True, compact separators).
     try:
-        return orjson.dumps(value).decode()
-    except TypeError:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError):
         return repr(value)

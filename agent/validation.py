@@ -116,7 +116,6 @@ _NAME_RE: Final = re.compile(r"^[/\w.\- :]*$")
 
 _I64_MIN: Final = -(2**63)
 _I64_MAX: Final = 2**63 - 1
-_INF: Final = float("inf")
 
 _RUN_NAME_TAG: Final = "mlflow.runName"
 _METRIC_EXTRAS: Final = ("model_id", "dataset_name", "dataset_digest")
@@ -131,7 +130,7 @@ _CT_MISSING: Final = "Bad Request. Content-Type header is missing."
 _CT_WRONG: Final = "Bad Request. Content-Type must be one of ['application/json']."
 
 # Keys (metric, param or tag: the rules are the same) already found valid. Bounded: cleared when full.
-_KEY_CACHE_MAX: Final = 65536
+_KEY_CACHE_MAX = 65536
 _valid_keys: set[str] = set()
 
 
@@ -516,10 +515,8 @@ def _batch_metric(m: dict[str, Any], key: Any, value: Any, ts: Any, i: int) -> l
     if not known:
         # A non-string key fails the server's proto parsing and becomes "".
         _check_name(key if isinstance(key, str) else "", f"metrics[{i}].name")
-    v: float | str
-    if value.__class__ is float and value - value == 0.0:
-        v = value
-    else:
+    v: float | str = value
+    if value.__class__ is not float or value - value != 0.0:  # fast path: a finite float
         v = _metric_value(value, f"metrics[{i}].value")
     t: int
     if ts.__class__ is int and 0 <= ts <= _I64_MAX:

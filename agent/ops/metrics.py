@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Info, disable_c
 from agent import __version__
 
 # The *_created series double the exposition for no use here (the process start time says as much).
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class AgentMetrics:

@@ -330,12 +330,12 @@ class MlflowApi:
             return None
         upstream_tags = []
         for key, value in tags:
+            upstream_value: str | None = value
             if key in RUN_ID_TAGS and self.catalog.run(value) is not None:
-                mapped = self.catalog.upstream_run_id(value)
-                if mapped is None:
+                upstream_value = self.catalog.upstream_run_id(value)
+                if upstream_value is None:
                     return None  # the parent is not upstream yet
-                value = mapped
-            upstream_tags.append({"key": key, "value": value})
+            upstream_tags.append({"key": key, "value": upstream_value})
         # The idempotency key: if this answer is lost, the uploader finds the run by it.
         upstream_tags.append({"key": PROVISIONAL_TAG, "value": provisional_id})
         body: dict[str, Any] = {"experiment_id": experiment, "start_time": start_time, "tags": upstream_tags}

@@ -353,7 +353,7 @@ class Spool:
 
     # jobs (run on the writer thread) ----------------------------------------------------------
 
-    def _open_db(self, _: None) -> Loaded:
+    def _open_db(self, _: sqlite3.Connection | None) -> Loaded:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         with contextlib.suppress(OSError):
             os.chmod(self.directory, 0o700)
@@ -503,8 +503,7 @@ class Spool:
                 continue  # evicted meanwhile (already counted as dropped)
             run, kind, n, done, size = row
             moved = min(new_done, n) - done
-            if moved < 0:
-                moved = 0
+            moved = max(moved, 0)
             delivered = moved - dead_by_seq.get(seq, 0)
             if delivered > 0:
                 result.delivered.append(RowChange(run, Kind(kind), delivered, 0))

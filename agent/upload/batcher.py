@@ -134,9 +134,9 @@ def next_operation(rows: list[Row], limits: Limits = MLFLOW_LIMITS) -> Operation
                 continue
             if counts[kind] >= caps[kind] or total >= limits.max_items:
                 return batch
-            if kind is Kind.METRICS and limits.max_values_per_metric_key is not None:
-                if per_key.get(item[0], 0) >= limits.max_values_per_metric_key:
-                    return batch
+            per_key_cap = limits.max_values_per_metric_key
+            if kind is Kind.METRICS and per_key_cap is not None and per_key.get(item[0], 0) >= per_key_cap:
+                return batch
             item_size = len(orjson.dumps(item)) + _ITEM_OVERHEAD
             if batch.pieces and size + item_size > limits.max_bytes:
                 return batch

@@ -50,7 +50,8 @@ class Resolver:
             if upstream is not None:
                 return upstream
             entry = self.catalog.experiments[client_id]
-            upstream = await self.retry.run(f"resolve experiment {entry.name!r}", lambda: self._find_or_create_experiment(client_id))
+            upstream = await self.retry.run(f"resolve experiment {entry.name!r}",
+                                            lambda: self._find_or_create_experiment(client_id))
             await self.spool.write_catalog([self.catalog.map_experiment(client_id, upstream)])
             log.info("experiment %r resolved: %s -> %s", entry.name, client_id, upstream)
             return upstream
@@ -88,7 +89,8 @@ class Resolver:
 
     # runs -------------------------------------------------------------------------------------
 
-    def attempt_create_now(self, run_id: str, body: dict[str, Any], timeout: float) -> asyncio.Task[dict[str, Any] | None]:
+    def attempt_create_now(self, run_id: str, body: dict[str, Any],
+                           timeout: float) -> asyncio.Task[dict[str, Any] | None]:
         """Start the bounded create-run attempt that ingest makes while the client waits.
 
         The task outlives the client's wait: if the upstream answers late, the run is mapped then,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -232,12 +233,12 @@ class Uploader:
 
     async def _translate(self, batch: LogBatch) -> LogBatch:
         pieces = []
-        for p in batch.pieces:
-            if p.kind is Kind.TAGS:
-                value = await self.resolver.translate_tag(p.item[0], p.item[1])
-                if value != p.item[1]:
-                    p = type(p)(p.seq, p.kind, p.index, [p.item[0], value], p.send)
-            pieces.append(p)
+        for piece in batch.pieces:
+            if piece.kind is Kind.TAGS:
+                value = await self.resolver.translate_tag(piece.item[0], piece.item[1])
+                if value != piece.item[1]:
+                    piece = dataclasses.replace(piece, item=[piece.item[0], value])  # noqa: PLW2901
+            pieces.append(piece)
         return LogBatch(pieces)
 
     async def _deliver(self, run: str, upstream: str, batch: LogBatch, dead: list[DeadLetter]) -> None:

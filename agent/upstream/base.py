@@ -20,7 +20,8 @@ class Credentials:
     expires_at: float | None = None  # unix time; None = does not expire
 
     def __repr__(self) -> str:  # never print header values: they are secrets
-        return f"Credentials(base_url={self.base_url!r}, headers=[{', '.join(self.headers)}], expires_at={self.expires_at})"
+        names = ", ".join(self.headers)
+        return f"Credentials(base_url={self.base_url!r}, headers=[{names}], expires_at={self.expires_at})"
 
 
 class UpstreamProvider(Protocol):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -61,7 +62,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
         except (TypeError, ValueError):
             return None
         seconds = when.timestamp() - (time.time() if now is None else now)
-    if seconds != seconds:  # NaN
+    if math.isnan(seconds):
         return None
     return min(max(seconds, 0.0), _MAX_RETRY_AFTER)
 
