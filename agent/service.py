@@ -62,7 +62,7 @@ class Agent:
         self._maintenance: asyncio.Task[None] | None = None
         self.bound_port: int | None = None
         self.draining = False
-        self.dead_letter_count = 0
+        self.dead_letters_at_start = 0
         self._stopped = asyncio.Event()
 
     # lifecycle --------------------------------------------------------------------------------
@@ -74,7 +74,7 @@ class Agent:
         if loaded.quarantined is not None:
             self.metrics.spool_quarantined.inc()
         self.catalog.load(loaded)
-        self.dead_letter_count = loaded.dead_letters
+        self.dead_letters_at_start = loaded.dead_letters
         if s.upstream is not None:
             if not s.upstream.startswith(("http://", "https://")):
                 raise ValueError(f"upstream {s.upstream!r}: only http(s):// MLflow servers are supported so far")
@@ -176,7 +176,9 @@ class Agent:
         token = self.settings.ingest_token
         host = self.settings.http.host
         allowed = set(_LOOPBACK_NAMES) | {host.strip("[]")}
-        check_host = host.strip("[]") not in ("0.0.0.0", "::")
+        # Only a loopback listener can be reached by DNS rebinding alone; on other addresses clients
+        # use whatever name the host has, and the ingest token is the guard.
+        check_host = self.settings.http.is_loopback
 
         @web.middleware
         async def guard(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -241,6 +243,7 @@ class Agent:
                 "pending": self.ledger.run_breakdown(run),
             })
         dead = await self.spool.dead_letters(20)
+        totals = _totals(self.metrics)
         upstream: dict[str, Any] = {"url": self.settings.upstream, "offline": self.rest is None}
         if self.rest is not None:
             upstream.update(up=self.rest.health.up, last_error=self.rest.health.last_error)
@@ -260,8 +263,8 @@ class Agent:
             "buffered_by_kind": self.ledger.by_kind(),
             "runs": runs,
             "experiments_pending": [e.name for e in self.catalog.pending_experiments()],
-            "dead_letters": {"recent": dead},
-            "totals": _totals(self.metrics),
+            "dead_letters": {"total": self.dead_letters_at_start + int(totals.get("dead_lettered", 0)), "recent": dead},
+            "totals": totals,
         }
 
 

@@ -49,6 +49,7 @@ class AckedRun:
     name: str
     run_id: str = ""
     experiment_id: str = ""
+    parent_id: str | None = None
     params: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, list[MetricRow]] = field(default_factory=dict)
@@ -86,7 +87,7 @@ def read_acks(path: Path) -> Acked:
         run = acked.run(rec["run"])
         kind = rec["kind"]
         if kind == "run":
-            run.run_id, run.experiment_id = rec["run_id"], rec["experiment_id"]
+            run.run_id, run.experiment_id, run.parent_id = rec["run_id"], rec["experiment_id"], rec["parent_id"]
         elif kind == "param":
             run.params[rec["key"]] = rec["value"]
         elif kind == "tag":
@@ -207,11 +208,10 @@ def expected_snapshot(acked: Acked) -> dict[str, dict[str, Any]]:
     ids = {run.run_id: name for name, run in acked.runs.items()}
     out: dict[str, dict[str, Any]] = {}
     for name, run in acked.runs.items():
-        parent = run.tags.get("mlflow.parentRunId")
         out[name] = {
             "status": run.status or "RUNNING",
             "lifecycle_stage": "active",
-            "parent": ids.get(parent) if parent else None,
+            "parent": ids.get(run.parent_id, f"<unknown run {run.parent_id}>") if run.parent_id else None,
             "params": dict(sorted(run.params.items())),
             "tags": dict(sorted(run.tags.items())),
             "metrics": {key: sorted_rows(rows) for key, rows in sorted(run.metrics.items())},
@@ -252,9 +252,11 @@ def assert_delivered_exactly_once(tracking_uri: str, experiment_name: str, acked
             if got[part] != want[part]:
                 problems.append(f"run {name!r}: {part} upstream {got[part]!r} != acknowledged {want[part]!r}")
         if sorted(got["metrics"]) != sorted(want["metrics"]):
-            problems.append(f"run {name!r}: metric keys upstream {sorted(got['metrics'])} != {sorted(want['metrics'])}")
+            problems.append(f"run {name!r}: metric keys upstream {sorted(got['metrics'])} != "
+                            f"acknowledged {sorted(want['metrics'])}")
         for key, rows in want["metrics"].items():
-            problems.extend(f"run {name!r} metric {key!r}: {p}" for p in metric_problems(rows, got["metrics"].get(key, [])))
+            found = got["metrics"].get(key, [])
+            problems.extend(f"run {name!r} metric {key!r}: {p}" for p in metric_problems(rows, found))
     assert not problems, "upstream differs from what the client was acknowledged:\n" + "\n".join(problems)
     return snap
 
@@ -289,7 +291,8 @@ def log_events(agent: AgentProcess, *, all_runs: bool = False) -> list[dict[str,
 
 def find_events(agent: AgentProcess, text: str, *, level: str | None = None) -> list[dict[str, Any]]:
     """Log events of the current run whose message contains ``text`` (and of ``level`` if given)."""
-    return [e for e in log_events(agent) if text in str(e.get("msg", "")) and (level is None or e.get("level") == level)]
+    return [e for e in log_events(agent)
+            if text in str(e.get("msg", "")) and (level is None or e.get("level") == level)]
 
 
 def spool_loaded(agent: AgentProcess, kind: str = "metric") -> float:

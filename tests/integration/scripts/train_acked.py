@@ -9,7 +9,7 @@ with ``MlflowClient.log_batch`` (explicit, deterministic timestamps), and finall
 FINISHED (optionally after a nested child run). Every call that RETURNED (= was acknowledged) is
 appended to the ack file as one JSON object per record, flushed right after the call returns::
 
-    {"kind": "run", "run": "<run name>", "run_id": "...", "experiment_id": "..."}
+    {"kind": "run", "run": "<run name>", "run_id": "...", "experiment_id": "...", "parent_id": null}
     {"kind": "param" | "tag", "run": "<run name>", "key": "...", "value": "..."}
     {"kind": "metric", "run": "<run name>", "key": "...", "value": 1.25, "step": 3, "timestamp": 1700000000030}
     {"kind": "status", "run": "<run name>", "status": "FINISHED"}
@@ -49,12 +49,13 @@ class Acks:
         self.out.flush()
 
 
-def log_run(client: MlflowClient, acks: Acks, experiment_id: str, run_name: str, steps: int,
-            step_sleep: float, parent_id: str | None = None) -> str:
+def log_run(client: MlflowClient, acks: Acks, experiment_id: str, run_name: str, *, steps: int,
+            step_sleep: float = 0.0, parent_id: str | None = None) -> str:
     tags = {"mlflow.parentRunId": parent_id} if parent_id else None
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     run_id = run.info.run_id
-    acks.write({"kind": "run", "run": run_name, "run_id": run_id, "experiment_id": experiment_id})
+    acks.write({"kind": "run", "run": run_name, "run_id": run_id, "experiment_id": experiment_id,
+                "parent_id": parent_id})
     print(f"RUN {run_name} {run_id}", flush=True)
     for key, value in PARAMS.items():
         client.log_param(run_id, key, value)
@@ -89,9 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         acks = Acks(out)
         experiment = mlflow.set_experiment(args.experiment)
         print(f"EXPERIMENT {experiment.experiment_id}", flush=True)
-        run_id = log_run(client, acks, experiment.experiment_id, args.run_name, args.steps, args.step_sleep)
+        run_id = log_run(client, acks, experiment.experiment_id, args.run_name, steps=args.steps,
+                         step_sleep=args.step_sleep)
         if args.child_run:
-            child_id = log_run(client, acks, experiment.experiment_id, args.child_run, args.child_steps, 0.0,
+            child_id = log_run(client, acks, experiment.experiment_id, args.child_run, steps=args.child_steps,
                                parent_id=run_id)
             client.set_terminated(child_id, "FINISHED")
             acks.write({"kind": "status", "run": args.child_run, "status": "FINISHED"})
