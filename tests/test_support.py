@@ -365,7 +365,7 @@ def test_faulty_proxy_cli_rejects_bad_probabilities(tmp_path: Path) -> None:
 
 
 def test_mlflow_server_and_snapshot(mlflow_server: MlflowServer, experiment_name: str) -> None:
-    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+    from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=mlflow_server.url)
     experiment_id = client.create_experiment(experiment_name)

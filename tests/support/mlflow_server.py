@@ -159,7 +159,7 @@ class MlflowServer:
 
     def client(self) -> MlflowClient:
         """An ``MlflowClient`` talking to this server."""
-        from mlflow.tracking import MlflowClient  # noqa: PLC0415 - mlflow is slow to import
+        from mlflow.tracking import MlflowClient
 
         return MlflowClient(tracking_uri=self.url)
 

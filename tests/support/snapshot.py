@@ -49,13 +49,13 @@ def sorted_rows(rows: Iterable[MetricRow]) -> list[MetricRow]:
 
 
 def _client(tracking_uri: str) -> MlflowClient:
-    from mlflow.tracking import MlflowClient  # noqa: PLC0415 - mlflow is slow to import
+    from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri)
 
 
 def _all_runs(client: MlflowClient, experiment_id: str) -> list[Run]:
-    from mlflow.entities import ViewType  # noqa: PLC0415
+    from mlflow.entities import ViewType
 
     runs: list[Run] = []
     page_token: str | None = None
