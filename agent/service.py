@@ -103,6 +103,7 @@ class Agent:
         self.api = MlflowApi(catalog=self.catalog, spool=self.spool, ledger=self.ledger, metrics=self.metrics,
                              rest=self.rest, resolver=self.resolver, create_run_timeout=s.create_run_timeout)
         self.proxy = Proxy(self.rest, self.catalog, read_timeout=max(s.request_timeout, 60.0))
+        self.proxy.lifecycle_hook = self.api.lifecycle_changed
         await self.proxy.start()
         OpsEndpoints(self.metrics, self.status, self.readiness, self._refresh_gauges).add_routes(app)
         self.api.add_routes(app)

@@ -501,6 +501,28 @@ class MlflowApi:
             if write is not None:
                 await self.spool.write_catalog([write])
 
+    async def lifecycle_changed(self, endpoint: str, body: dict[str, Any]) -> None:
+        """The upstream deleted or restored a run or an experiment the client asked to: remember it, so
+        writes to a deleted run are refused here as MLflow refuses them."""
+        stage = "deleted" if endpoint.endswith("delete") else "active"
+        entries: list[RunEntry] = []
+        if endpoint.startswith("runs/"):
+            entry = self.catalog.run(str(body.get("run_id") or body.get("run_uuid") or ""))
+            if entry is not None:
+                entries.append(entry)
+        else:
+            eid = str(body.get("experiment_id") or "")
+            experiment = self.catalog.experiment(eid)
+            if experiment is not None:
+                experiment.info["lifecycle_stage"] = stage
+                await self.spool.write_catalog([experiment.upsert()])
+            # MLflow moves an experiment's runs with it.
+            entries.extend(e for e in self.catalog.runs.values() if e.info.get("experiment_id") == eid)
+        for entry in entries:
+            entry.info["lifecycle_stage"] = stage
+        if entries:
+            await self.spool.write_catalog([e.upsert() for e in entries])
+
     async def server_info(self, request: web.Request) -> web.Response:
         del request
         return json_response(SERVER_INFO)

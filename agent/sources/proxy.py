@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -33,6 +33,9 @@ _HOP_BY_HOP = frozenset(
 )
 _JSON_TRANSLATE_LIMIT = 8 * 1024 * 1024
 _CHUNK = 64 * 1024
+# Forwarded calls that change what the agent must know (a deleted run refuses writes, as in MLflow).
+LIFECYCLE_ENDPOINTS = frozenset({"runs/delete", "runs/restore", "experiments/delete", "experiments/restore"})
+LifecycleHook = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 
 class NotYetUpstream(Exception):
@@ -46,6 +49,7 @@ class Proxy:
         self.rest = rest
         self.catalog = catalog
         self.read_timeout = read_timeout
+        self.lifecycle_hook: LifecycleHook | None = None
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -69,8 +73,9 @@ class Proxy:
             path = "/".join(self._translate_str(seg) for seg in request.path.split("/"))
             query = MultiDict((k, self._translate_str(v)) for k, v in request.query.items())
             data: Any = None
+            original: Any = None
             if request.body_exists:
-                data = await self._body(request)
+                data, original = await self._body(request)
         except NotYetUpstream as exc:
             return error_response(unavailable(
                 f"mlflow-agent: {exc.client_id} is not created upstream yet; retry shortly", retry_after=5))
@@ -95,26 +100,30 @@ class Proxy:
                 async for chunk in upstream.content.iter_chunked(_CHUNK):
                     await response.write(chunk)
                 await response.write_eof()
+                endpoint = request.path.rsplit("/mlflow/", 1)[-1]
+                if upstream.status == 200 and endpoint in LIFECYCLE_ENDPOINTS and self.lifecycle_hook is not None:
+                    await self.lifecycle_hook(endpoint, original if isinstance(original, dict) else {})
                 return response
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             self.rest.health.failed(f"{type(exc).__name__}: {exc}")
             return error_response(unavailable(f"mlflow-agent: upstream unreachable: {type(exc).__name__}"))
 
-    async def _body(self, request: web.Request) -> Any:
+    async def _body(self, request: web.Request) -> tuple[Any, Any]:
+        """What to send upstream, and the client's JSON body if it is one (else None)."""
         is_json = request.content_type == "application/json"
         small = request.content_length is not None and request.content_length <= _JSON_TRANSLATE_LIMIT
         if not (is_json and small):
-            return _stream(request)
+            return _stream(request), None
         raw = await request.read()
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            return raw  # not ours to judge: the upstream answers it
+            return raw, None  # not ours to judge: the upstream answers it
         if isinstance(body, dict):
             translated = {k: self._translate_value(v) for k, v in body.items()}
             if translated != body:
-                return orjson.dumps(translated)
-        return raw
+                return orjson.dumps(translated), body
+        return raw, body
 
     def _translate_value(self, value: Any) -> Any:
         if isinstance(value, str):
@@ -142,6 +151,6 @@ def _translate(value: str, catalog: Catalog) -> str:
     return value
 
 
-async def _stream(request: web.Request) -> Any:
+async def _stream(request: web.Request) -> AsyncIterator[bytes]:
     async for chunk in request.content.iter_chunked(_CHUNK):
         yield chunk

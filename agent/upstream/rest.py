@@ -28,10 +28,12 @@ _MAX_RETRY_AFTER = 600.0
 
 
 class UpstreamError(Exception):
-    def __init__(self, message: str, *, status: int | None = None, error_code: str | None = None,
-                 retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.message = message
+    """``str()`` says what failed, for logs; ``message`` is the upstream's own message, for clients."""
+
+    def __init__(self, text: str, *, status: int | None = None, error_code: str | None = None,
+                 retry_after: float | None = None, message: str | None = None) -> None:
+        super().__init__(text)
+        self.message = text if message is None else message
         self.status = status
         self.error_code = error_code
         self.retry_after = retry_after
@@ -81,10 +83,10 @@ def classify(status: int, body: bytes, headers: Mapping[str, str]) -> UpstreamEr
     retry_after = parse_retry_after(headers.get("Retry-After"))
     text = f"HTTP {status}" + (f" {error_code}" if error_code else "") + f": {message}"
     if status in (401, 403):
-        return AuthError(text, status=status, error_code=error_code)
+        return AuthError(text, status=status, error_code=error_code, message=message)
     if status in (408, 429) or (status >= 500 and status != 501):
-        return TransientError(text, status=status, error_code=error_code, retry_after=retry_after)
-    return PermanentError(text, status=status, error_code=error_code, retry_after=retry_after)
+        return TransientError(text, status=status, error_code=error_code, retry_after=retry_after, message=message)
+    return PermanentError(text, status=status, error_code=error_code, retry_after=retry_after, message=message)
 
 
 class UpstreamHealth:
@@ -191,7 +193,7 @@ class MlflowRest:
             return parsed if isinstance(parsed, dict) else {}
         error = classify(status, payload, resp_headers)
         if status >= 500:
-            self.health.failed(error.message)
+            self.health.failed(str(error))
         else:
             self.health.answered()
         self._metrics.upstream_requests.labels(endpoint=endpoint, result=str(status)).inc()
