@@ -294,10 +294,12 @@ class MlflowApi:
         tags = [list(t) for t in cr.tags]
         start_time = cr.start_time if cr.start_time is not None else int(time.time() * 1000)
         provisional_id = new_id()
-        answer = await self._create_upstream_now(provisional_id, cr, tags, start_time)
+        # Named here, not by the server: if the upstream's answer is lost, the name the client was
+        # given must still be the one the run has upstream.
+        run_name = cr.run_name or _tag(tags, "mlflow.runName") or generate_run_name()
+        answer = await self._create_upstream_now(provisional_id, cr, run_name, tags, start_time)
         if answer is not None:
             return await self._created_upstream(cr, answer)
-        run_name = cr.run_name or _tag(tags, "mlflow.runName") or generate_run_name()
         if _tag(tags, "mlflow.runName") is None:
             tags.append(["mlflow.runName", run_name])
         info: dict[str, Any] = {
@@ -320,8 +322,8 @@ class MlflowApi:
                  "not configured" if self.rest is None else "did not answer in time")
         return json_response(self.catalog.run_json(entry))
 
-    async def _create_upstream_now(self, provisional_id: str, cr: validation.CreateRun, tags: list[list[str]],
-                                   start_time: int) -> dict[str, Any] | None:
+    async def _create_upstream_now(self, provisional_id: str, cr: validation.CreateRun, run_name: str,
+                                   tags: list[list[str]], start_time: int) -> dict[str, Any] | None:
         """The bounded attempt: the upstream's answer, or None to go provisional."""
         if self.rest is None or self.resolver is None or self.rest.health.known_down:
             return None
@@ -338,11 +340,10 @@ class MlflowApi:
             upstream_tags.append({"key": key, "value": upstream_value})
         # The idempotency key: if this answer is lost, the uploader finds the run by it.
         upstream_tags.append({"key": PROVISIONAL_TAG, "value": provisional_id})
-        body: dict[str, Any] = {"experiment_id": experiment, "start_time": start_time, "tags": upstream_tags}
+        body: dict[str, Any] = {"experiment_id": experiment, "start_time": start_time, "tags": upstream_tags,
+                                "run_name": run_name}
         if cr.user_id is not None:
             body["user_id"] = cr.user_id
-        if cr.run_name is not None:
-            body["run_name"] = cr.run_name
         task = self.resolver.attempt_create_now(provisional_id, body, self.create_run_timeout)
         try:
             return await asyncio.wait_for(asyncio.shield(task), self.create_run_timeout)

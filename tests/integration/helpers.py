@@ -53,9 +53,7 @@ def finish_script(proc: subprocess.Popen[bytes], log_path: Path, timeout: float)
         raise ScriptFailedError(f"script exited with {returncode}\n--- log tail ---\n{log_tail(log_path)}")
 
 
-def run_script(
-    script: str | Path, *args: str, tracking_uri: str, log_path: Path, timeout: float = 180
-) -> float:
+def run_script(script: str | Path, *args: str, tracking_uri: str, log_path: Path, timeout: float = 180) -> float:
     """Run a script to completion (exit code 0 required); return its wall time in seconds."""
     started = time.monotonic()
     proc = start_script(script, *args, tracking_uri=tracking_uri, log_path=log_path)
@@ -103,11 +101,16 @@ def snapshot_by_tag(tracking_uri: str, experiment_names: Sequence[str], tag: str
         for name, run in runs.items():
             case = run["tags"].get(tag)
             if case is None or case in by_case:
-                raise AssertionError(f"run {name!r} of {experiment!r} on {tracking_uri}: tag {tag!r} missing or "
-                                     f"not unique ({case!r}); runs: {sorted(case_of_name.items())}")
+                raise AssertionError(
+                    f"run {name!r} of {experiment!r} on {tracking_uri}: tag {tag!r} missing or "
+                    f"not unique ({case!r}); runs: {sorted(case_of_name.items())}"
+                )
             parent = run["parent"]
-            by_case[case] = {**run, "name": name,
-                             "parent": case_of_name.get(parent, parent) if parent is not None else None}
+            by_case[case] = {
+                **run,
+                "name": name,
+                "parent": case_of_name.get(parent, parent) if parent is not None else None,
+            }
         result[experiment] = dict(sorted(by_case.items()))
     return result
 
@@ -124,8 +127,9 @@ def all_runs(tracking_uri: str, experiment_name: str) -> list[Run]:
     runs: list[Run] = []
     token: str | None = None
     while True:
-        page = client.search_runs([experiment.experiment_id], run_view_type=ViewType.ALL, max_results=1000,
-                                  page_token=token)
+        page = client.search_runs(
+            [experiment.experiment_id], run_view_type=ViewType.ALL, max_results=1000, page_token=token
+        )
         runs.extend(page)
         token = page.token
         if not token:
@@ -139,17 +143,21 @@ def match_client_runs(runs: Sequence[Run], client_ids: Mapping[str, str]) -> dic
     found: dict[str, Run] = {}
     problems: list[str] = []
     for label, client_id in client_ids.items():
-        matches = [r for r in runs
-                   if r.info.run_id == client_id or r.data.tags.get(PROVISIONAL_TAG) == client_id]
+        matches = [r for r in runs if r.info.run_id == client_id or r.data.tags.get(PROVISIONAL_TAG) == client_id]
         if len(matches) != 1:
-            problems.append(f"{label} ({client_id}): {len(matches)} upstream runs "
-                            f"{[(r.info.run_id, r.info.run_name) for r in matches]}")
+            problems.append(
+                f"{label} ({client_id}): {len(matches)} upstream runs "
+                f"{[(r.info.run_id, r.info.run_name) for r in matches]}"
+            )
         else:
             found[label] = matches[0]
     if problems:
         listing = [(r.info.run_id, r.info.run_name, r.data.tags.get(PROVISIONAL_TAG)) for r in runs]
-        raise AssertionError("upstream runs do not match the client's runs one to one:\n  "
-                             + "\n  ".join(problems) + f"\nupstream runs: {listing}")
+        raise AssertionError(
+            "upstream runs do not match the client's runs one to one:\n  "
+            + "\n  ".join(problems)
+            + f"\nupstream runs: {listing}"
+        )
     return found
 
 
@@ -164,6 +172,7 @@ def assert_accounting(status: Mapping[str, Any]) -> None:
     assert totals.get("dead_lettered", 0) == 0, f"{totals}; dead letters: {status.get('dead_letters')}"
     assert totals["received"] > 0, totals
     assert totals["received"] == totals["uploaded"], totals
+    assert status["dead_letters"].get("total", 0) == 0, status["dead_letters"]
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -45,10 +45,14 @@ def _without_generated_names(snap: dict[str, Any], cases: dict[str, Any]) -> dic
     """Drop the names MLflow generated (runs the script left unnamed); keep every other field."""
     out: dict[str, Any] = {}
     for experiment, runs in snap.items():
-        out[experiment] = None if runs is None else {
-            case: {k: v for k, v in run.items() if k != "name" or cases[case]["run_name"] is not None}
-            for case, run in runs.items()
-        }
+        out[experiment] = (
+            None
+            if runs is None
+            else {
+                case: {k: v for k, v in run.items() if k != "name" or cases[case]["run_name"] is not None}
+                for case, run in runs.items()
+            }
+        )
     return out
 
 
@@ -69,29 +73,45 @@ def _expected(cases: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_agent_and_direct_runs_leave_identical_servers(
+    *,
     mlflow_server: MlflowServer,
     mlflow_server_factory: MlflowServerFactory,
     agent_factory: AgentFactory,
     experiment_name: str,
     tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     server_a = mlflow_server
     server_b = mlflow_server_factory()
     agent = agent_factory(server_b, *AGENT_ARGS)
 
     direct_out, agent_out = tmp_path / "direct.json", tmp_path / "agent.json"
-    direct_wall = run_script(SCRIPT, experiment_name, str(direct_out), tracking_uri=server_a.url,
-                             log_path=tmp_path / "direct-script.log", timeout=300)
-    agent_wall = run_script(SCRIPT, experiment_name, str(agent_out), tracking_uri=agent.url,
-                            log_path=tmp_path / "agent-script.log", timeout=300)
+    direct_wall = run_script(
+        SCRIPT,
+        experiment_name,
+        str(direct_out),
+        tracking_uri=server_a.url,
+        log_path=tmp_path / "direct-script.log",
+        timeout=300,
+    )
+    agent_wall = run_script(
+        SCRIPT,
+        experiment_name,
+        str(agent_out),
+        tracking_uri=agent.url,
+        log_path=tmp_path / "agent-script.log",
+        timeout=300,
+    )
     status = agent.wait_drained(timeout=120)
-    print(f"\n[equivalence] script wall time: direct {direct_wall:.2f}s, through the agent {agent_wall:.2f}s "
-          f"(in-script: {read_json(direct_out)['elapsed']:.2f}s vs {read_json(agent_out)['elapsed']:.2f}s)")
+    with capsys.disabled():  # informational, shown without -s too
+        print(
+            f"\n[equivalence] script wall time: direct {direct_wall:.2f}s, through the agent {agent_wall:.2f}s "
+            f"(in-script: {read_json(direct_out)['elapsed']:.2f}s vs {read_json(agent_out)['elapsed']:.2f}s)"
+        )
 
     direct_cases = read_json(direct_out)["cases"]
     agent_cases = read_json(agent_out)["cases"]
-    assert set(direct_cases) == set(agent_cases) == {"main", "child", "unnamed", "unnamed-child", "failed",
-                                                     "killed"}
+    assert set(direct_cases) == set(agent_cases) == {"main", "child", "unnamed", "unnamed-child", "failed", "killed"}
 
     # The premise: the direct server holds exactly what the script logged.
     snap_a = snapshot_by_tag(server_a.url, [experiment_name])

@@ -58,13 +58,16 @@ EXPECTED_TAGS = {
 RUN_NAMES = {"parent": "outage-parent", "child": "outage-child"}
 
 
-def _report_latency(label: str, calls: list[list[Any]]) -> None:
-    """Print p50/p99/max and the slowest calls; assert that nothing blocked."""
+def _report_latency(label: str, calls: list[list[Any]], capsys: pytest.CaptureFixture[str]) -> None:
+    """Print p50/p99/max and the slowest calls (shown without -s too); assert that nothing blocked."""
     seconds = [c[1] for c in calls]
     p50, p99 = percentile(seconds, 0.50), percentile(seconds, 0.99)
     slowest = sorted(calls, key=lambda c: -c[1])[:5]
-    print(f"\n[{label}] {len(seconds)} MLflow calls: p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, "
-          f"max {max(seconds) * 1000:.1f} ms; slowest: {[(n, round(s, 3)) for n, s in slowest]}")
+    with capsys.disabled():
+        print(
+            f"\n[{label}] {len(seconds)} MLflow calls: p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, "
+            f"max {max(seconds) * 1000:.1f} ms; slowest: {[(n, round(s, 3)) for n, s in slowest]}"
+        )
     assert p99 < P99_LIMIT, f"p99 {p99:.3f}s: calls blocked on the unreachable upstream; slowest {slowest}"
 
 
@@ -100,18 +103,30 @@ def _finish(agent: AgentProcess) -> None:
 
 
 def test_upstream_down_for_the_whole_script(
+    *,
     mlflow_server_factory: MlflowServerFactory,
     agent_factory: AgentFactory,
     experiment_name: str,
     tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     port = free_port()  # nothing listens here until the server is started below
     agent = agent_factory(f"http://127.0.0.1:{port}", *AGENT_ARGS, "--create-run-timeout", "1s")
     out_path = tmp_path / "out.json"
-    run_script(SCRIPT, experiment_name, str(out_path), "--steps", str(STEPS), "--child-at", "100",
-               tracking_uri=agent.url, log_path=tmp_path / "script.log", timeout=180)
+    run_script(
+        SCRIPT,
+        experiment_name,
+        str(out_path),
+        "--steps",
+        str(STEPS),
+        "--child-at",
+        "100",
+        tracking_uri=agent.url,
+        log_path=tmp_path / "script.log",
+        timeout=180,
+    )
     out = read_json(out_path)
-    _report_latency("upstream down throughout", out["calls"])
+    _report_latency("upstream down throughout", out["calls"], capsys)
 
     status = agent.status()
     assert status["upstream"]["up"] is False, status["upstream"]
@@ -130,10 +145,12 @@ def test_upstream_down_for_the_whole_script(
 
 
 def test_upstream_goes_down_in_the_middle_of_the_script(
+    *,
     mlflow_server_factory: MlflowServerFactory,
     agent_factory: AgentFactory,
     experiment_name: str,
     tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     server = mlflow_server_factory()
     # A generous create-run timeout: the parent, created while the server is up, must get a real id.
@@ -141,9 +158,21 @@ def test_upstream_goes_down_in_the_middle_of_the_script(
     ready, resume = tmp_path / "paused", tmp_path / "resume"
     out_path, log_path = tmp_path / "out.json", tmp_path / "script.log"
     proc = start_script(
-        SCRIPT, experiment_name, str(out_path), "--steps", str(STEPS), "--pause-after", str(STEPS // 2 - 1),
-        "--child-at", str(STEPS // 2 + 50), "--ready-file", str(ready), "--resume-file", str(resume),
-        tracking_uri=agent.url, log_path=log_path,
+        SCRIPT,
+        experiment_name,
+        str(out_path),
+        "--steps",
+        str(STEPS),
+        "--pause-after",
+        str(STEPS // 2 - 1),
+        "--child-at",
+        str(STEPS // 2 + 50),
+        "--ready-file",
+        str(ready),
+        "--resume-file",
+        str(resume),
+        tracking_uri=agent.url,
+        log_path=log_path,
     )
     try:
         wait_until(ready.exists, 120, message="the script to reach half of its steps", proc=proc)
@@ -154,7 +183,7 @@ def test_upstream_goes_down_in_the_middle_of_the_script(
     finally:
         stop_process(proc, timeout=5)  # a no-op unless something above failed
     out = read_json(out_path)
-    _report_latency("upstream lost mid-script", out["calls"])
+    _report_latency("upstream lost mid-script", out["calls"], capsys)
 
     status = agent.status()
     assert status["upstream"]["up"] is False, status["upstream"]

@@ -48,8 +48,13 @@ class Recorder:
 
     def case(self, case: str, run_id: str, parent: str | None, name: str | None) -> dict[str, Any]:
         entry: dict[str, Any] = {
-            "run_id": run_id, "parent_case": parent, "run_name": name,
-            "params": {}, "tags": {"case": case}, "metrics": [], "status": None,
+            "run_id": run_id,
+            "parent_case": parent,
+            "run_name": name,
+            "params": {},
+            "tags": {"case": case},
+            "metrics": [],
+            "status": None,
         }
         self.cases[case] = entry
         return entry
@@ -122,8 +127,9 @@ def main() -> int:
     unnamed["params"]["alpha"] = "0.5"
     for step in range(0, 200):
         mlflow.log_metrics({"u1": step * 2.0, "u2": -step * 1.0}, step=step - 100, timestamp=ts(step, 4))
-        unnamed["metrics"].extend([["u1", step * 2.0, step - 100, ts(step, 4)],
-                                   ["u2", -step * 1.0, step - 100, ts(step, 4)]])
+        unnamed["metrics"].extend(
+            [["u1", step * 2.0, step - 100, ts(step, 4)], ["u2", -step * 1.0, step - 100, ts(step, 4)]]
+        )
     child_run = mlflow.start_run(nested=True)
     uchild = rec.case("unnamed-child", child_run.info.run_id, "unnamed", None)
     mlflow.set_tag("case", "unnamed-child")

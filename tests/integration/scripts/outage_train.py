@@ -77,8 +77,9 @@ def main() -> int:
             timed("log_params", mlflow.log_params, {"fold": 1})
             timed("set_tag", mlflow.set_tag, "role", "child")
             for s in range(50):
-                timed("log_metric", mlflow.log_metric, "child_loss", 1.0 - s / 100, step=s,
-                      timestamp=BASE_TS + 5 + s * 10)
+                timed(
+                    "log_metric", mlflow.log_metric, "child_loss", 1.0 - s / 100, step=s, timestamp=BASE_TS + 5 + s * 10
+                )
                 logged["child"].append(["child_loss", 1.0 - s / 100, s, BASE_TS + 5 + s * 10])
             timed("end_run", mlflow.end_run)
         if args.pause_after is not None and step == args.pause_after:

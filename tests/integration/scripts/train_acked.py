@@ -53,7 +53,7 @@ def log_run(client: MlflowClient, acks: Acks, experiment_id: str, run_name: str,
             step_sleep: float = 0.0, parent_id: str | None = None) -> str:
     tags = {"mlflow.parentRunId": parent_id} if parent_id else None
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
-    run_id = run.info.run_id
+    run_id = str(run.info.run_id)
     acks.write({"kind": "run", "run": run_name, "run_id": run_id, "experiment_id": experiment_id,
                 "parent_id": parent_id})
     print(f"RUN {run_name} {run_id}", flush=True)
