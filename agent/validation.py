@@ -30,6 +30,7 @@ delete-tag key "a#b" / 251 chars  not checked by the server (404 "No tag with na
 metric value null / "" / "abc"    missing 'value' ('metrics[i].value') / same / bad_value 'value'
 metric value true, [1], 1e400     200 with garbage stored, or 500 (here: bad_value, bad_value, "Infinity")
 timestamp null (batch: also "")   missing 'timestamp'; "abc" and, in log-metric, "" -> bad_value
+timestamp/step "abc", "12.5", 1.5 log-batch: 200 with 0 stored (log-metric 12.5/1.5 likewise): bad_value here
 timestamp -5                      "Invalid value -5 ... metric 'k' (value=1.0). Timestamp must be a ..."
 1001 metrics, 101 params or tags  the limit messages, but only after every item passed its own checks
 900 metrics+100 params+1 tag      "...at most 1000 metrics, params, and tags. Got 1001 ..."
