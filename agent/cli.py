@@ -136,7 +136,16 @@ async def _sync(settings: Settings, *, timeout: float | None, progress_every: fl
 
 def _status(args: argparse.Namespace) -> int:
     if args.spool_dir is not None:
-        status = asyncio.run(_offline_status(args.spool_dir))
+        from agent.spool.store import DB_NAME
+
+        if not (args.spool_dir / DB_NAME).is_file():
+            print(f"mlflow-agent: no spool at {args.spool_dir} ({DB_NAME} not found)", file=sys.stderr)
+            return 1
+        try:
+            status = asyncio.run(_offline_status(args.spool_dir))
+        except SpoolLocked as exc:
+            print(f"mlflow-agent: {exc}; ask it instead: status --http HOST:PORT", file=sys.stderr)
+            return 1
     else:
         hp = parse_hostport(args.http)
         url = f"http://{hp.host if ':' not in hp.host else f'[{hp.host}]'}:{hp.port}/status"

@@ -112,6 +112,7 @@ class Row:
     done: int
     size: int
     payload: list[Any] | dict[str, Any]
+    corrupt: str | None = None  # why the body could not be decoded; the uploader dead-letters it
 
 
 @dataclass(slots=True, frozen=True)
@@ -579,7 +580,15 @@ def _read_run(conn: sqlite3.Connection, run: str, limit: int) -> list[Row]:
     rows = conn.execute(
         "SELECT seq, kind, n, done, size, body FROM records WHERE run = ? ORDER BY seq LIMIT ?", (run, limit)
     ).fetchall()
-    return [Row(seq, run, Kind(kind), n, done, size, orjson.loads(body)) for seq, kind, n, done, size, body in rows]
+    out = []
+    for seq, kind, n, done, size, body in rows:
+        try:
+            out.append(Row(seq, run, Kind(kind), n, done, size, orjson.loads(body)))
+        except (orjson.JSONDecodeError, ValueError, TypeError) as exc:
+            # One damaged row must not stall its run forever: hand it over to be dead-lettered.
+            known = kind if kind in Kind._value2member_map_ else int(Kind.METRICS)
+            out.append(Row(seq, run, Kind(known), n, done, size, [], corrupt=f"{type(exc).__name__}: {exc}"))
+    return out
 
 
 def _load(conn: sqlite3.Connection) -> Loaded:

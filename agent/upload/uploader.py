@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import logging
 import time
 from typing import Any
@@ -56,6 +57,7 @@ class Uploader:
         self._dirty: set[str] = set()
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
+        self._flush = asyncio.Event()  # set by drain(): stop lingering
         self._scheduler: asyncio.Task[None] | None = None
         self._experiments_task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -79,6 +81,7 @@ class Uploader:
     async def drain(self, timeout: float) -> bool:
         """Flush without lingering until nothing is pending or ``timeout`` passes. True if empty."""
         self.linger = 0.0
+        self._flush.set()
         self._wake.set()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -130,6 +133,10 @@ class Uploader:
                 rows = await self.spool.read_run(run, _ROWS_PER_READ)
                 if not rows:
                     break
+                if rows[0].corrupt is not None:
+                    await self._dead_letter_row(run, rows[0], f"unreadable record in the spool: {rows[0].corrupt}")
+                    continue
+                rows = list(itertools.takewhile(lambda r: r.corrupt is None, rows))
                 op = next_operation(rows, self.limits)
                 if op is None:
                     break
@@ -158,7 +165,8 @@ class Uploader:
             return
         since = time.monotonic() - self._last_send.get(run, 0.0)
         if since < self.linger:
-            await asyncio.sleep(self.linger - since)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._flush.wait(), self.linger - since)
 
     async def _call(self, what: str, method: str, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
         async def once() -> dict[str, Any]:
@@ -258,6 +266,11 @@ class Uploader:
             first, second = batch.split()
             await self._deliver(run, upstream, first, dead)
             await self._deliver(run, upstream, second, dead)
+
+    async def _dead_letter_row(self, run: str, row: Row, message: str) -> None:
+        letter = DeadLetter(row.seq, row.payload, row.n - row.done, None, None, message)
+        self.ledger.acked(await self.spool.ack({row.seq: row.n}, dead=[letter]))
+        log.error("run %s: %s; moved to the dead-letter table", run, message)
 
     async def _dead_letter_run(self, run: str, status: int | None, code: str | None, message: str) -> None:
         result = await self.spool.dead_letter_run(run, status, code, message)

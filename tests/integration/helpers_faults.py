@@ -241,7 +241,7 @@ def assert_delivered_exactly_once(tracking_uri: str, experiment_name: str, acked
     """The upstream experiment holds exactly the acknowledged runs, each once, with every acknowledged
     param, tag, status and metric row exactly once (and nothing else). Returns the snapshot."""
     assert acked.runs, "the training script acknowledged nothing"
-    snap = snapshot(tracking_uri, [experiment_name])[experiment_name]
+    snap: dict[str, Any] | None = snapshot(tracking_uri, [experiment_name])[experiment_name]
     assert snap is not None, f"experiment {experiment_name!r} does not exist upstream"
     expected = expected_snapshot(acked)
     assert sorted(snap) == sorted(expected), f"upstream runs {sorted(snap)} != acknowledged runs {sorted(expected)}"

@@ -8,6 +8,7 @@ record exactly once, the run FINISHED, and the params and tags logged before the
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,12 +21,13 @@ from tests.integration.helpers_faults import (
     Training,
     assert_delivered_exactly_once,
     find_events,
+    run_cli,
     spool_loaded,
     upstream_runs,
 )
 from tests.support.agent_process import AgentProcess
 from tests.support.mlflow_server import MlflowServer
-from tests.support.processes import wait_until
+from tests.support.processes import REPO_ROOT, kill_process, python_env, spawn, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -116,9 +118,10 @@ def test_sigkill_while_run_is_provisional(
         status = first.status()
         assert experiment_name in status["experiments_pending"]
         assert [r["provisional"] for r in status["runs"]] == [True]
+        stuck = train.acked().metric_count  # nothing ever reached the upstream
         assert first.sigkill() == -9
         second = agent_factory(proxy, *FAST_AGENT_FLAGS, spool_dir=first.spool_dir, port=first.port)
-        assert spool_loaded(second) >= 200 * K - K
+        assert spool_loaded(second) >= stuck
         assert spool_loaded(second, "run_op") >= 1, "the pending create-run was not reloaded"
         status = second.status()
         assert experiment_name in status["experiments_pending"]
@@ -138,3 +141,45 @@ def test_sigkill_while_run_is_provisional(
     tag = by_name["parent"].data.tags.get("mlflow_agent.provisional_run_id")
     assert tag == acked.runs["parent"].run_id, "the upstream run is not tagged with the client's provisional id"
     assert by_name["child"].data.tags["mlflow.parentRunId"] == by_name["parent"].info.run_id
+
+
+def test_sigkill_of_sync_mid_upload_then_sync_again(
+    mlflow_server: MlflowServer,
+    agent_factory: AgentFactory,
+    faulty_proxy_factory: FaultyProxyFactory,
+    experiment_name: str,
+    tmp_path: Path,
+) -> None:
+    """``sync`` killed -9 halfway through a spool of provisional runs, over an upstream that refuses some
+    requests and loses the answers to others (applied upstream, never acknowledged): the next ``sync``
+    finishes the job without twin runs or lost records."""
+    offline = agent_factory(None)
+    acked = Training(offline.url, tmp_path / "train", experiment=experiment_name, run_name="parent", steps=400,
+                     child_run="child").run_to_end()
+    assert offline.stop() == 0
+    proxy = faulty_proxy_factory(mlflow_server, seed=7, p_503=0.3, p_reset_after=0.3)
+    sync_cmd = [sys.executable, "-m", "agent", "sync", "--spool-dir", str(offline.spool_dir),
+                "--upstream", proxy.url, "--retry-initial-backoff", "200ms", "--retry-max-backoff", "1s",
+                "--request-timeout", "3s", "--log-format", "json"]
+    sync = spawn(sync_cmd, tmp_path / "sync-1.log", env=python_env(), cwd=REPO_ROOT)
+    try:
+        def parent_upstream() -> bool:
+            experiment = mlflow_server.client().get_experiment_by_name(experiment_name)
+            return experiment is not None and bool(mlflow_server.client().search_runs([experiment.experiment_id]))
+
+        wait_until(parent_upstream, 90, message="the first run to be created upstream", proc=sync)
+        assert sync.poll() is None, "sync finished before it could be killed"
+    finally:
+        assert kill_process(sync) == -9
+    assert proxy.counts()["reset_after"] > 0
+
+    proxy.clear_faults()
+    again = run_cli("sync", "--spool-dir", str(offline.spool_dir), "--upstream", proxy.url, "--timeout", "90",
+                    "--retry-max-backoff", "1s", timeout=150)
+    assert again.returncode == 0, f"stdout:\n{again.stdout}\nstderr:\n{again.stderr}"
+    assert again.stdout.splitlines()[-1].endswith("dead-lettered 0, left in spool 0"), again.stdout
+    assert_delivered_exactly_once(mlflow_server.url, experiment_name, acked)
+    runs = upstream_runs(mlflow_server.url, experiment_name)
+    assert sorted(r.info.run_name for r in runs) == ["child", "parent"]
+    for run in runs:
+        assert run.data.tags.get("mlflow_agent.provisional_run_id") == acked.runs[run.info.run_name].run_id
