@@ -112,9 +112,8 @@ class Agent:
         await self._runner.setup()
         site = web.TCPSite(self._runner, s.http.host, s.http.port, reuse_address=True)
         await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.bound_port = sockets[0].getsockname()[1] if sockets else s.http.port
+        addresses = self._runner.addresses  # the real port when --http asked for port 0
+        self.bound_port = int(addresses[0][1]) if addresses else s.http.port
         log.info("listening on http://%s:%s (upstream: %s)", s.http.host, self.bound_port,
                  s.upstream or "none, offline")
 
