@@ -388,12 +388,8 @@ class MlflowApi:
         upstream_id = self.catalog.upstream_run_id(run_id)
         if self.rest is None or upstream_id is None or (entry is not None and self.rest.health.known_down):
             return self._local_run(run_id, entry)
-        try:
-            answer = await self.rest.call("GET", "runs/get", params={"run_id": upstream_id},
-                                          timeout=self.create_run_timeout)
-        except PermanentError as exc:
-            raise MlflowApiError(exc.error_code or "BAD_REQUEST", exc.message) from exc
-        except UpstreamError:
+        answer = await self._ask_upstream("GET", "runs/get", params={"run_id": upstream_id})
+        if answer is None:
             return self._local_run(run_id, entry)
         run = answer.get("run")
         if not isinstance(run, dict) or not isinstance(run.get("info"), dict):
@@ -428,14 +424,8 @@ class MlflowApi:
         if local is not None and local.provisional:
             return json_response({"experiment": self.catalog.experiment_json(local)})
         if self.rest is not None and not self.rest.health.known_down:
-            try:
-                answer = await self.rest.call("GET", "experiments/get-by-name",
-                                              params={"experiment_name": name}, timeout=self.create_run_timeout)
-            except PermanentError as exc:
-                raise MlflowApiError(exc.error_code or "BAD_REQUEST", exc.message) from exc
-            except UpstreamError:
-                pass
-            else:
+            answer = await self._ask_upstream("GET", "experiments/get-by-name", params={"experiment_name": name})
+            if answer is not None:
                 await self._remember_experiment(answer.get("experiment"))
                 return json_response(answer)
         if local is not None:
@@ -453,15 +443,9 @@ class MlflowApi:
                 body["artifact_location"] = ce.artifact_location
             if ce.tags:
                 body["tags"] = [{"key": k, "value": v} for k, v in ce.tags]
-            try:
-                answer = await self.rest.call("POST", "experiments/create", body=body,
-                                              timeout=self.create_run_timeout)
-            except PermanentError as exc:
-                raise MlflowApiError(exc.error_code or "BAD_REQUEST", exc.message) from exc
-            except UpstreamError:
-                # The create may have reached the upstream; the name resolves it later either way.
-                pass
-            else:
+            # If this create reaches the upstream but its answer does not, the name resolves it later.
+            answer = await self._ask_upstream("POST", "experiments/create", body=body)
+            if answer is not None:
                 await self._remember_experiment({"experiment_id": answer.get("experiment_id"), "name": ce.name,
                                                  "lifecycle_stage": "active"})
                 return json_response(answer)
@@ -477,14 +461,8 @@ class MlflowApi:
         local = self.catalog.experiment(eid)
         upstream_id = self.catalog.upstream_experiment_id(eid)
         if self.rest is not None and upstream_id is not None and not self.rest.health.known_down:
-            try:
-                answer = await self.rest.call("GET", "experiments/get", params={"experiment_id": upstream_id},
-                                              timeout=self.create_run_timeout)
-            except PermanentError as exc:
-                raise MlflowApiError(exc.error_code or "BAD_REQUEST", exc.message) from exc
-            except UpstreamError:
-                pass
-            else:
+            answer = await self._ask_upstream("GET", "experiments/get", params={"experiment_id": upstream_id})
+            if answer is not None:
                 experiment = answer.get("experiment")
                 if isinstance(experiment, dict):
                     await self._remember_experiment(dict(experiment))
@@ -495,6 +473,18 @@ class MlflowApi:
         if self.rest is None:
             raise MlflowApiError("RESOURCE_DOES_NOT_EXIST", f"No Experiment with id={eid} exists")
         raise unavailable(f"mlflow-agent: the upstream is unreachable and experiment {eid} is not known locally")
+
+    async def _ask_upstream(self, method: str, endpoint: str, *, params: dict[str, str] | None = None,
+                            body: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """One bounded read-through call: the upstream's answer; its refusal, passed on to the client as
+        MLflow's error; or None when it cannot answer in time (the caller answers from what it knows)."""
+        assert self.rest is not None
+        try:
+            return await self.rest.call(method, endpoint, params=params, body=body, timeout=self.create_run_timeout)
+        except PermanentError as exc:
+            raise MlflowApiError(exc.error_code or "BAD_REQUEST", exc.message) from exc
+        except UpstreamError:
+            return None
 
     async def _remember_experiment(self, experiment: object) -> None:
         if isinstance(experiment, dict):
