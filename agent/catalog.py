@@ -162,6 +162,14 @@ class Catalog:
         return entry.upsert()
 
     def _put_experiment(self, entry: ExperimentEntry) -> None:
+        old = self.experiments.get(entry.experiment_id)
+        if old is not None and old.name != entry.name and self._experiment_by_name.get(old.name) == old.experiment_id:
+            # Renamed upstream: the old name now belongs to whichever other experiment has it, if any.
+            del self._experiment_by_name[old.name]
+            other = next((e for e in self.experiments.values()
+                          if e.name == old.name and e.experiment_id != old.experiment_id), None)
+            if other is not None:
+                self._experiment_by_name[old.name] = other.experiment_id
         previous = self._experiment_by_name.get(entry.name)
         # A provisional experiment keeps its name: it is what the client was given.
         if previous is None or not self.experiments[previous].provisional or entry.provisional:
@@ -212,7 +220,8 @@ class Catalog:
 def _sortable(value: MetricValue) -> float:
     if isinstance(value, float):
         return value
-    return {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}.get(value, 0.0)
+    # MLflow stores NaN as 0 (flagged) and compares it as 0 when it picks the latest value.
+    return {"Infinity": float("inf"), "-Infinity": float("-inf")}.get(value, 0.0)
 
 
 # Names for runs the user did not name, in MLflow's "adjective-animal-number" style, so provisional

@@ -360,10 +360,16 @@ class Spool:
             os.chmod(self.directory, 0o700)
         self._take_lock()
         quarantined: Path | None = None
+        conn: sqlite3.Connection | None = None
         try:
             conn = self._connect()
             loaded = _load(conn)
         except sqlite3.DatabaseError as exc:
+            if conn is not None:
+                conn.close()
+            if _is_busy(exc):
+                # A healthy file someone else holds open: not ours to move aside.
+                raise SpoolLocked(f"spool {self.path} is locked by another process: {exc}") from exc
             quarantined = self._quarantine(exc)
             conn = self._connect()
             loaded = _load(conn)
@@ -399,6 +405,8 @@ class Spool:
         finally:
             os.umask(old_umask)
         try:
+            # Must come before anything else touches a new file, or it has no effect.
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {'FULL' if self.sync_full else 'NORMAL'}")
             conn.execute("PRAGMA journal_size_limit = 67108864")
@@ -420,6 +428,10 @@ class Spool:
     def _quarantine(self, exc: BaseException) -> Path:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         target = self.directory / f"{DB_NAME}.corrupt-{stamp}"
+        n = 1
+        while any(Path(str(target) + s).exists() for s in ("", "-wal", "-shm")):
+            n += 1  # never overwrite an earlier quarantined file
+            target = self.directory / f"{DB_NAME}.corrupt-{stamp}-{n}"
         for suffix in ("", "-wal", "-shm"):
             src = Path(str(self.path) + suffix)
             if src.exists():
@@ -529,7 +541,7 @@ class Spool:
             conn.execute(
                 "INSERT INTO dead_letters (run, kind, n, body, status, error_code, message, at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (run, kind, n - done, body, status, error_code, message, now),
+                (run, kind, n - done, _undelivered(body, done), status, error_code, message, now),
             )
             conn.execute("DELETE FROM records WHERE seq = ?", (seq,))
             self._bytes -= size
@@ -576,6 +588,21 @@ def _apply_catalog(conn: sqlite3.Connection, writes: list[CatalogWrite]) -> None
             )
 
 
+def _is_busy(exc: sqlite3.DatabaseError) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and any(w in str(exc).lower() for w in ("locked", "busy"))
+
+
+def _undelivered(body: bytes, done: int) -> bytes:
+    """The part of a row's payload not yet delivered (the whole body if it cannot be read)."""
+    if done == 0:
+        return body
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body
+    return orjson.dumps(payload[done:]) if isinstance(payload, list) else body
+
+
 def _read_run(conn: sqlite3.Connection, run: str, limit: int) -> list[Row]:
     rows = conn.execute(
         "SELECT seq, kind, n, done, size, body FROM records WHERE run = ? ORDER BY seq LIMIT ?", (run, limit)
@@ -585,14 +612,26 @@ def _read_run(conn: sqlite3.Connection, run: str, limit: int) -> list[Row]:
         try:
             out.append(Row(seq, run, Kind(kind), n, done, size, orjson.loads(body)))
         except (orjson.JSONDecodeError, ValueError, TypeError) as exc:
-            # One damaged row must not stall its run forever: hand it over to be dead-lettered.
-            known = kind if kind in Kind._value2member_map_ else int(Kind.METRICS)
-            out.append(Row(seq, run, Kind(known), n, done, size, [], corrupt=f"{type(exc).__name__}: {exc}"))
+            # One damaged row must not stall its run forever: hand it over to be dead-lettered,
+            # with its bytes kept for inspection.
+            out.append(Row(seq, run, Kind(kind), n, done, size, {"unreadable_body": bytes(body).hex()},
+                           corrupt=f"{type(exc).__name__}: {exc}"))
     return out
 
 
 def _load(conn: sqlite3.Connection) -> Loaded:
     loaded = Loaded()
+    known = ", ".join(str(int(k)) for k in Kind)
+    # Rows this version cannot interpret (a damaged kind) go to the dead-letter table, not in the way.
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute(
+        "INSERT INTO dead_letters (run, kind, n, body, status, error_code, message, at)"
+        " SELECT run, kind, n - done, body, NULL, NULL, 'unknown record kind', ? FROM records"
+        f" WHERE kind NOT IN ({known})",
+        (time.time(),),
+    )
+    conn.execute(f"DELETE FROM records WHERE kind NOT IN ({known})")
+    conn.execute("COMMIT")
     # A cheap structural check: reading every table end to end surfaces a damaged file now, at
     # start, where it can be moved aside, rather than in the middle of an upload.
     for run, kind, rows, items, size in conn.execute(
@@ -619,7 +658,8 @@ def _list_dead_letters(conn: sqlite3.Connection, limit: int) -> list[dict[str, A
         "SELECT id, run, kind, n, status, error_code, message, at FROM dead_letters ORDER BY id DESC LIMIT ?",
         (limit,),
     ):
-        out.append({"id": id_, "run_id": run, "kind": Kind(kind).label, "records": n, "status": status,
+        label = Kind(kind).label if kind in Kind._value2member_map_ else f"unknown({kind})"
+        out.append({"id": id_, "run_id": run, "kind": label, "records": n, "status": status,
                     "error_code": code, "message": message, "at": at})
     return out
 
@@ -627,7 +667,8 @@ def _list_dead_letters(conn: sqlite3.Connection, limit: int) -> list[dict[str, A
 def _maintenance(conn: sqlite3.Connection) -> dict[str, int]:
     free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
     if free > 256:
-        conn.execute("PRAGMA incremental_vacuum(4096)").fetchall()
+        # executescript steps the pragma to completion; a plain execute frees one page per step.
+        conn.executescript("PRAGMA incremental_vacuum(4096);")
     # PASSIVE never waits for readers; with journal_size_limit it also shrinks the WAL file.
     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
     return {"freelist_pages": free}

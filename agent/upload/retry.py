@@ -48,10 +48,16 @@ class RetryPolicy:
     def wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome is not None else None
         if isinstance(exc, UpstreamError) and exc.retry_after is not None:
-            return exc.retry_after
-        if isinstance(exc, AuthError) and state.attempt_number == 1:
-            return 0.0  # fresh credentials: try again at once
-        return float(self._jitter(state))
+            delay = exc.retry_after
+        elif isinstance(exc, AuthError) and state.attempt_number == 1:
+            delay = 0.0  # fresh credentials: try again at once
+        else:
+            delay = float(self._jitter(state))
+        if self._deadline:
+            # One last attempt at the deadline rather than a sleep far past it.
+            elapsed = state.seconds_since_start or 0.0
+            delay = min(delay, max(0.0, self._deadline - elapsed))
+        return delay
 
     def stop(self) -> StopBaseT:
         return stop_after_delay(self._deadline) if self._deadline else stop_never

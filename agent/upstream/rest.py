@@ -6,6 +6,7 @@ permanent (dead-letter).
 from __future__ import annotations
 
 import asyncio
+import datetime
 import email.utils
 import logging
 import math
@@ -63,6 +64,8 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
             when = email.utils.parsedate_to_datetime(value)
         except (TypeError, ValueError):
             return None
+        if when.tzinfo is None:  # asctime dates carry no zone; HTTP dates are always GMT
+            when = when.replace(tzinfo=datetime.timezone.utc)
         seconds = when.timestamp() - (time.time() if now is None else now)
     if math.isnan(seconds):
         return None

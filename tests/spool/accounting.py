@@ -13,28 +13,35 @@ DROPPED = "mlflow_agent_records_dropped"
 BUFFERED = "mlflow_agent_buffered_records"
 BUFFERED_BYTES = "mlflow_agent_buffered_bytes"
 
+Snapshot = dict[str, dict[str, float]]
 
-def by_kind(metrics: AgentMetrics, family: str) -> dict[str, float]:
-    """A counter (``*_total`` samples) or gauge summed over every label but ``kind``; zeros left out."""
-    out: dict[str, float] = defaultdict(float)
+
+def snapshot(metrics: AgentMetrics) -> Snapshot:
+    """family -> kind label -> value, summed over every other label (counters: their ``_total``
+    samples); zeros left out. One pass over the registry."""
+    out: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for fam in metrics.registry.collect():
-        if fam.name != family:
-            continue
         for sample in fam.samples:
-            if sample.name in (family, f"{family}_total"):
-                out[sample.labels.get("kind", "")] += sample.value
-    return {k: v for k, v in out.items() if v != 0}
+            if sample.name in (fam.name, f"{fam.name}_total"):
+                out[fam.name][sample.labels.get("kind", "")] += sample.value
+    return {name: {k: v for k, v in values.items() if v != 0} for name, values in out.items()}
 
 
-def total(metrics: AgentMetrics, family: str) -> float:
+def by_kind(metrics: AgentMetrics | Snapshot, family: str) -> dict[str, float]:
+    snap = snapshot(metrics) if isinstance(metrics, AgentMetrics) else metrics
+    return snap.get(family, {})
+
+
+def total(metrics: AgentMetrics | Snapshot, family: str) -> float:
     return sum(by_kind(metrics, family).values())
 
 
-def assert_conserved(metrics: AgentMetrics) -> None:
+def assert_conserved(metrics: AgentMetrics | Snapshot) -> None:
     """received = uploaded + buffered + dead_lettered + dropped, summed over labels and per kind."""
-    received = by_kind(metrics, RECEIVED)
-    parts = [by_kind(metrics, f) for f in (UPLOADED, BUFFERED, DEAD_LETTERED, DROPPED)]
+    snap = snapshot(metrics) if isinstance(metrics, AgentMetrics) else metrics
+    received = by_kind(snap, RECEIVED)
+    parts = [by_kind(snap, f) for f in (UPLOADED, BUFFERED, DEAD_LETTERED, DROPPED)]
+    assert total(snap, RECEIVED) == sum(sum(p.values()) for p in parts), (received, parts)
     for kind in set(received).union(*parts):
         accounted = sum(p.get(kind, 0.0) for p in parts)
         assert received.get(kind, 0.0) == accounted, (kind, received, parts)
-    assert total(metrics, RECEIVED) == sum(sum(p.values()) for p in parts)
