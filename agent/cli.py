@@ -56,6 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SpoolLocked as exc:
         print(f"mlflow-agent: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # typically a port or socket path already in use
+        print(f"mlflow-agent: cannot start: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -13,6 +13,10 @@ upstream                       $MLFLOW_TRACKING_URI MLflow server: http(s)://hos
                                                     azureml://..., or ``none`` to run offline
 http                           127.0.0.1:5050       HOST:PORT to serve on ([::1]:5050 for IPv6; port 0 =
                                                     any free port)
+udp                            127.0.0.1:5051       UDP datagram endpoint HOST:PORT, or ``none``
+uds                            (none)               Unix datagram socket path
+uds_mode                       0600                 permissions of the Unix socket (0600 or 0660)
+udp_rcvbuf                     8MiB                 receive buffer asked of the kernel for datagrams
 spool_dir                      (see below)          spool directory: $STATE_DIRECTORY, else
                                                     $XDG_STATE_HOME/mlflow-agent, else
                                                     ~/.local/state/mlflow-agent
@@ -228,6 +232,31 @@ def _path(value: object) -> Path:
     raise ValueError("expected a directory path")
 
 
+def _optional_hostport(value: object) -> HostPort | None:
+    if isinstance(value, str) and value.strip().lower() in ("none", "off", ""):
+        return None
+    if not isinstance(value, str):
+        raise ValueError("expected HOST:PORT or none")
+    return parse_hostport(value)
+
+
+def _optional_path(value: object) -> Path | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "")):
+        return None
+    if isinstance(value, str | Path):
+        return Path(os.path.expanduser(str(value).strip()))
+    raise ValueError("expected a socket path or none")
+
+
+def _file_mode(value: object) -> int:
+    text = str(value).strip()
+    if re.fullmatch(r"0?[0-7]{3}", text):
+        mode = int(text, 8)
+        if mode & 0o077 & ~0o070 == 0:  # owner and group only: never world-writable
+            return mode
+    raise ValueError("expected an octal mode for owner and group only, such as 0600 or 0660")
+
+
 def _token(value: object) -> str:
     if isinstance(value, str) and value.strip() and not any(c.isspace() for c in value.strip()):
         return value.strip()
@@ -274,6 +303,10 @@ SETTINGS: tuple[SettingDef, ...] = (
     _S("upstream", _parse_upstream, None, "URI",
        "MLflow server URL (http(s)://host[:port][/prefix] or azureml://...), or 'none' (offline)"),
     _S("http", parse_hostport, "127.0.0.1:5050", "HOST:PORT", "address to serve on; port 0 = any free port"),
+    _S("udp", _optional_hostport, "127.0.0.1:5051", "HOST:PORT", "UDP datagram endpoint, or 'none'"),
+    _S("uds", _optional_path, None, "PATH", "Unix datagram socket path (none by default)"),
+    _S("uds_mode", _file_mode, "0600", "MODE", "permissions of the Unix socket: 0600 or 0660"),
+    _S("udp_rcvbuf", _size(4096, "4KiB"), "8MiB", "SIZE", "receive buffer asked of the kernel for datagrams"),
     _S("spool_dir", _path, _default_spool_dir, "DIR", "directory of the SQLite spool"),
     _S("spool_max_bytes", _size(1 << 20, "1MiB"), "1GiB", "SIZE", "spool size cap, e.g. 512MiB"),
     _S("overflow_policy", _choice("drop_oldest", "reject"), "drop_oldest", "POLICY",
@@ -313,6 +346,10 @@ class Settings:
 
     upstream: str | None = None
     http: HostPort = _DEFAULTS["http"]
+    udp: HostPort | None = _DEFAULTS["udp"]
+    uds: Path | None = None
+    uds_mode: int = _DEFAULTS["uds_mode"]
+    udp_rcvbuf: int = _DEFAULTS["udp_rcvbuf"]
     spool_dir: Path = field(default_factory=lambda: _default("spool_dir"))
     spool_max_bytes: int = _DEFAULTS["spool_max_bytes"]
     overflow_policy: str = _DEFAULTS["overflow_policy"]
@@ -431,6 +468,10 @@ def load_settings(
             raise ConfigError("upstream", f"no MLflow server configured: pass --upstream URI (or set "
                               f"{ENV_PREFIX}UPSTREAM), or --upstream none to run offline")
         values["upstream"] = _parse(_BY_NAME["upstream"], uri, "MLFLOW_TRACKING_URI")
+    udp: HostPort | None = values["udp"]
+    if udp is not None and not udp.is_loopback and not values["allow_unauthenticated_bind"]:
+        raise ConfigError("udp", f"binding datagrams to {udp} (not loopback) accepts data from anyone: datagrams "
+                          "carry no token; set allow_unauthenticated_bind = true to do it anyway", raw["udp"][1])
     if not http.is_loopback and values["ingest_token"] is None and not values["allow_unauthenticated_bind"]:
         raise ConfigError("http", f"binding to {http} (not loopback) needs an ingest token "
                           f"({ENV_PREFIX}INGEST_TOKEN) or allow_unauthenticated_bind = true", raw["http"][1])

@@ -44,7 +44,7 @@ def run_demo(*, keep: bool = False, steps: int = 300) -> int:
         procs.append(server)
         print(f"demo: starting mlflow-agent on {agent_url} in front of it", flush=True)
         agent = _spawn([sys.executable, "-m", "agent", "run", "--upstream", upstream,
-                        "--http", f"127.0.0.1:{agent_port}", "--spool-dir", str(workdir / "spool"),
+                        "--http", f"127.0.0.1:{agent_port}", "--udp", "none", "--spool-dir", str(workdir / "spool"),
                         "--log-format", "text", "--log-level", "warning", "--retry-max-backoff", "2s"],
                        workdir / "agent.log", env)
         procs.append(agent)

@@ -26,6 +26,7 @@ from agent.config import Settings
 from agent.errors import MlflowApiError
 from agent.ops.health import OpsEndpoints
 from agent.ops.metrics import AgentMetrics
+from agent.sources.datagram import DatagramSource
 from agent.sources.mlflow_api import MlflowApi, error_response
 from agent.sources.proxy import Proxy
 from agent.spool.ledger import Ledger
@@ -58,6 +59,7 @@ class Agent:
         self.resolver: Resolver | None = None
         self.api: MlflowApi | None = None
         self.proxy: Proxy | None = None
+        self.datagrams: DatagramSource | None = None
         self._runner: web.AppRunner | None = None
         self._maintenance: asyncio.Task[None] | None = None
         self.bound_port: int | None = None
@@ -108,6 +110,11 @@ class Agent:
         OpsEndpoints(self.metrics, self.status, self.readiness, self._refresh_gauges).add_routes(app)
         self.api.add_routes(app)
         app.router.add_route("*", "/{tail:.*}", self.proxy.handle)
+        if s.udp is not None or s.uds is not None:
+            self.datagrams = DatagramSource(ingest=self.api.ingest, catalog=self.catalog, metrics=self.metrics,
+                                            udp=s.udp, uds=s.uds, uds_mode=s.uds_mode, rcvbuf=s.udp_rcvbuf)
+            await self.datagrams.start()
+            self.api.before_lifecycle = self.datagrams.drain_now
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, s.http.host, s.http.port, reuse_address=True)
@@ -120,6 +127,8 @@ class Agent:
     async def drain(self, timeout: float) -> bool:
         """Stop taking requests, then upload what is spooled for up to ``timeout`` seconds."""
         self.draining = True
+        if self.datagrams is not None:
+            await self.datagrams.stop()  # commits what the sockets still hold
         if self._runner is not None:
             # Closing the listener refuses new connections; requests in flight finish first.
             for site in list(self._runner.sites):
@@ -136,6 +145,8 @@ class Agent:
             self._maintenance.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._maintenance
+        if self.datagrams is not None:
+            await self.datagrams.stop()
         if self.api is not None:
             await self.api.stop()
         if self._runner is not None:

@@ -66,6 +66,19 @@ class AgentMetrics:
         self.upload_retries = Counter(
             "mlflow_agent_upload_retries", "Upload attempts that will be retried, by reason.", ["reason"], registry=r
         )
+        self.datagrams = Counter(
+            "mlflow_agent_datagrams_received", "Datagrams read from the UDP or Unix socket.", ["transport"], registry=r
+        )
+        self.datagram_errors = Counter(
+            "mlflow_agent_datagram_errors",
+            "Parts of datagrams refused (one per bad JSON object or StatsD line), by reason.",
+            ["transport", "reason"], registry=r,
+        )
+        self.ingest_refused = Counter(
+            "mlflow_agent_ingest_refused_records",
+            "Valid datagram records that could not be stored (spool full, storage error, backlog).",
+            ["source", "reason"], registry=r,
+        )
         self.build = Info("mlflow_agent_build", "Build information.", registry=r)
         self.build.info({"version": __version__})
         for kind in ("metric", "param", "tag", "run_op"):

@@ -24,6 +24,7 @@ from agent.catalog import Catalog, RunEntry, generate_run_name, new_id
 from agent.errors import MlflowApiError, invalid, run_not_active, run_not_found, unavailable
 from agent.ops.metrics import AgentMetrics
 from agent.records import PROVISIONAL_TAG, RUN_ID_TAGS, Kind, Record
+from agent.sources.ingest import Ingest
 from agent.spool.ledger import Ledger
 from agent.spool.store import CatalogWrite, ParamPut, Spool, SpoolClosed, SpoolFull, TagPut
 from agent.upload.resolver import Resolver
@@ -75,6 +76,9 @@ class MlflowApi:
         self.resolver = resolver
         self.create_run_timeout = create_run_timeout
         self.overflow_retry_after = overflow_retry_after
+        self.ingest = Ingest(catalog, spool, ledger)
+        # Set by the agent when datagrams are on: commit what was sent before a lifecycle operation.
+        self.before_lifecycle: Callable[[], Awaitable[None]] | None = None
         self._discovering: dict[str, asyncio.Future[RunEntry]] = {}
         self._background: set[asyncio.Task[None]] = set()
 
@@ -149,44 +153,14 @@ class MlflowApi:
 
     async def _log(self, lb: validation.LogBatch, *, batch: bool) -> web.Response:
         entry = await self._writable_run(lb.run_id)
-        run = entry.run_id
-        conflicts = [(k, entry.params[k], v) for k, v in lb.params if k in entry.params and entry.params[k] != v]
-        if conflicts:
-            raise invalid(_param_conflict_message(run, conflicts, batch))
-        new_params = [(k, v) for k, v in lb.params if k not in entry.params]
-        records: list[Record] = []
-        writes: list[CatalogWrite] = []
-        if lb.params:
-            records.append(Record(run, Kind.PARAMS, lb.params))
-            writes.extend(ParamPut(run, k, v) for k, v in new_params)
-        if lb.metrics:
-            records.append(Record(run, Kind.METRICS, lb.metrics))
-        if lb.tags:
-            records.append(Record(run, Kind.TAGS, lb.tags))
-            writes.extend(TagPut(run, k, v) for k, v in lb.tags)
-        if not records:
-            return json_response({})
-        # Reserve the params before waiting for the commit, so a concurrent request with a
-        # different value is refused; give them back if the commit fails.
-        entry.params.update(new_params)
-        try:
-            result = await self.spool.append(records, writes)
-        except BaseException:
-            for k, _ in new_params:
-                entry.params.pop(k, None)
-            raise
-        self.ledger.appended(result, "http")
-        for k, v in lb.tags:
-            entry.tags[k] = v
-            if k == "mlflow.runName":
-                entry.info["run_name"] = v
-        for item in lb.metrics:
-            self.catalog.note_metric(entry, item[0], item[1], item[2], item[3])
+        await self.ingest.log(entry, lb, source="http", batch=batch)
         return json_response({})
 
     async def delete_tag(self, request: web.Request) -> web.Response:
         run_id, key = validation.delete_tag(await self._body(request))
         entry = await self._writable_run(run_id)
+        if self.before_lifecycle is not None:
+            await self.before_lifecycle()
         if entry.complete and key not in entry.tags:
             raise MlflowApiError("RESOURCE_DOES_NOT_EXIST", f"No tag with name: {key} in run with id {run_id}")
         result = await self.spool.append([Record(entry.run_id, Kind.DELETE_TAG, {"key": key})],
@@ -198,6 +172,8 @@ class MlflowApi:
     async def update_run(self, request: web.Request) -> web.Response:
         ur = validation.update_run(await self._body(request))
         entry = await self._writable_run(ur.run_id)
+        if self.before_lifecycle is not None:
+            await self.before_lifecycle()
         payload: dict[str, Any] = {}
         if ur.status is not None:
             payload["status"] = ur.status
@@ -524,12 +500,3 @@ def _tag(tags: list[list[str]], key: str) -> str | None:
         if k == key:
             return v
     return None
-
-
-def _param_conflict_message(run_id: str, conflicts: list[tuple[str, str, str]], batch: bool) -> str:
-    if not batch and len(conflicts) == 1:
-        key, old, new = conflicts[0]
-        return (f"Changing param values is not allowed. Param with key='{key}' was already logged with "
-                f"value='{old}' for run ID='{run_id}'. Attempted logging new value '{new}'.")
-    listed = ", ".join(f"{{'key': '{k}', 'old_value': '{o}', 'new_value': '{n}'}}" for k, o, n in conflicts)
-    return f"Changing param values is not allowed. Params were already logged='[{listed}]' for run ID='{run_id}'."

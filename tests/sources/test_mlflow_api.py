@@ -18,7 +18,7 @@ API = "/api/2.0/mlflow/"
 
 @pytest.fixture
 async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
-    settings = Settings(upstream=None, http=HostPort("127.0.0.1", 0), spool_dir=tmp_path / "spool")
+    settings = Settings(upstream=None, http=HostPort("127.0.0.1", 0), udp=None, spool_dir=tmp_path / "spool")
     a = Agent(settings, env={})
     await a.start()
     try:
@@ -148,7 +148,7 @@ async def test_foreign_host_header_is_refused(http: Client) -> None:
 
 
 async def test_ingest_token_is_required_when_configured(tmp_path: Path) -> None:
-    settings = Settings(upstream=None, http=HostPort("127.0.0.1", 0), spool_dir=tmp_path / "spool",
+    settings = Settings(upstream=None, http=HostPort("127.0.0.1", 0), udp=None, spool_dir=tmp_path / "spool",
                         ingest_token="s3cret")
     agent = Agent(settings, env={})
     await agent.start()
@@ -165,7 +165,7 @@ async def test_ingest_token_is_required_when_configured(tmp_path: Path) -> None:
 
 
 async def test_spool_full_with_reject_policy_answers_429_with_retry_after(tmp_path: Path) -> None:
-    settings = Settings(upstream=None, http=HostPort("127.0.0.1", 0), spool_dir=tmp_path / "spool",
+    settings = Settings(upstream=None, http=HostPort("127.0.0.1", 0), udp=None, spool_dir=tmp_path / "spool",
                         spool_max_bytes=1 << 20, overflow_policy="reject")
     agent = Agent(settings, env={})
     await agent.start()

@@ -18,7 +18,7 @@ from typing import Any
 
 import requests
 
-from tests.support.ports import LOOPBACK, free_port
+from tests.support.ports import LOOPBACK, free_port, free_udp_port
 from tests.support.processes import (
     REPO_ROOT,
     HasUrl,
@@ -113,6 +113,8 @@ class AgentProcess:
         self.spool_dir = Path(spool_dir)
         self.extra_args = list(extra_args)
         self.port = port if port is not None else free_port()
+        # Its own UDP port too (kept across restarts), so agents in one test run never collide on 5051.
+        self.udp_port = free_udp_port()
         self.env = dict(env or {})
         self.log_level = log_level
         self.proc: subprocess.Popen[bytes] | None = None
@@ -159,6 +161,7 @@ class AgentProcess:
             "--spool-dir", str(self.spool_dir),
             "--log-format", "json",
             "--log-level", self.log_level,
+            *(() if "--udp" in self.extra_args else ("--udp", f"{LOOPBACK}:{self.udp_port}")),
             *self.extra_args,
         ]  # fmt: skip
 

@@ -13,3 +13,10 @@ def free_port() -> int:
         sock.bind((LOOPBACK, 0))
         port: int = sock.getsockname()[1]
     return port
+
+
+def free_udp_port() -> int:
+    """A UDP port on 127.0.0.1 that nothing is bound to right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
