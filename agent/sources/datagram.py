@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -73,8 +74,12 @@ def _parse_json_object(line: bytes, now_ms: int, out: Parsed) -> None:
     try:
         body = orjson.loads(line)
     except orjson.JSONDecodeError:
-        out.errors.append("malformed")
-        return
+        try:
+            # Python's json module writes NaN and Infinity as bare tokens, which orjson refuses.
+            body = json.loads(line)
+        except (ValueError, RecursionError):
+            out.errors.append("malformed")
+            return
     if not isinstance(body, dict):
         out.errors.append("malformed")
         return
