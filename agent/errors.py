@@ -94,3 +94,5 @@ def _compact(value: object) -> str:
         return json.dumps(value, sort_keys=True, separators=(",", ":"))
     except (TypeError, ValueError):
         return repr(value)
+    except RecursionError:  # absurdly nested input: name its type, do not recurse into it
+        return f"<nested {type(value).__name__}>"

@@ -238,6 +238,8 @@ def _invalid_value(path: str, value: object, message: str | None = None) -> Mlfl
         shown = json.dumps(value, sort_keys=True, separators=(",", ":"))
     except (TypeError, ValueError):
         shown = repr(value)
+    except RecursionError:  # absurdly nested input: name its type, do not recurse into it
+        shown = f"<nested {type(value).__name__}>"
     if message:
         return invalid(f"Invalid value {shown} for parameter '{path}' supplied: {message}")
     return invalid(f"Invalid value {shown} for parameter '{path}' supplied.")

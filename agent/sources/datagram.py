@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Iterable, Iterator
@@ -102,8 +103,8 @@ def _parse_statsd(data: bytes, now_ms: int, out: Parsed) -> None:
         return
     by_run: dict[str, list[dict[str, Any]]] = {}
     for raw in text.split("\n"):
-        line = raw.strip()
-        if not line:
+        line = raw.rstrip()  # not lstrip: "  loss" is a valid MLflow key, distinct from "loss"
+        if not line.strip():
             continue
         head, sep, rest = line.partition("|")
         key, colon, value = head.rpartition(":")
@@ -148,19 +149,42 @@ def _seconds_to_ms(text: str) -> object:
         return text  # validation names it
 
 
+_MISSING = re.compile(r"Missing value for required parameter '([^']*)'")
+_NEGATIVE_TIMESTAMP = re.compile(r"Invalid value -?\d+ for parameter 'timestamp' supplied: metric ")
+_PARAMETER = re.compile(r"for parameter '([^']*)' supplied")
+
+
 def error_reason(exc: MlflowApiError) -> str:
-    """A short label for a validation failure, for the ``reason`` of the invalid-input counter."""
+    """A short label for a validation failure, for the ``reason`` of the invalid-input counter.
+
+    Only the fixed parts of MLflow's wording are read: the messages also quote the client's own keys
+    and values, which must not change the label."""
     message = exc.message
-    if "'run_id'" in message or exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+    if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
         return "invalid_run_id"
-    if "Names may" in message or "exceeds the maximum length" in message or "key'" in message:
-        return "invalid_key"
-    if "at most" in message or "Duplicate" in message:
-        return "too_large"
-    if "Changing param values" in message:
+    if message.startswith("Changing param values"):
         return "param_conflict"
-    if "'active' state" in message:
+    if message.startswith("The run ") and message.endswith("Current state is deleted."):
         return "run_deleted"
+    if message.startswith("A batch logging request can contain at most"):
+        return "too_large"
+    if message.startswith("Duplicate parameter keys"):
+        return "duplicate_param"
+    if message.startswith("'") and " exceeds the maximum length of " in message:
+        return "invalid_key"  # the quoted label is ours ('Metric name', 'tags[0].key', ...), not the client's
+    if _NEGATIVE_TIMESTAMP.match(message):
+        return "invalid_value"
+    missing = _MISSING.match(message)
+    if missing is not None:
+        path = missing.group(1)
+    else:
+        # "Invalid value <client text> for parameter '<path>' supplied...": the last match is ours.
+        found = _PARAMETER.findall(message)
+        path = found[-1] if found else ""
+    if path.endswith("run_id"):
+        return "invalid_run_id"
+    if path in ("key", "name") or path.endswith((".key", ".name")):
+        return "invalid_key"
     return "invalid_value"
 
 
@@ -184,6 +208,7 @@ class DatagramSource:
         self._limiter = RateLimiter()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.udp_port: int | None = None
+        self._uds_inode: int | None = None
         self.granted_rcvbuf: dict[str, int] = {}
         metrics.registry.register(_KernelDrops(self))
 
@@ -203,9 +228,7 @@ class DatagramSource:
         if self.uds_path is not None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             self._configure(sock, "uds")
-            with contextlib.suppress(FileNotFoundError):
-                if self.uds_path.is_socket():
-                    self.uds_path.unlink()  # left behind by a process that died
+            _remove_stale_socket(self.uds_path)
             self.uds_path.parent.mkdir(parents=True, exist_ok=True)
             old = os.umask(0o177)
             try:
@@ -213,6 +236,7 @@ class DatagramSource:
             finally:
                 os.umask(old)
             os.chmod(self.uds_path, self.uds_mode)
+            self._uds_inode = os.stat(self.uds_path).st_ino
             self._add(sock, "uds")
             log.info("datagrams: listening on unix %s (mode %o, receive buffer %d bytes granted)",
                      self.uds_path, self.uds_mode, self.granted_rcvbuf["uds"])
@@ -246,9 +270,12 @@ class DatagramSource:
         for sock, _ in self._sockets:
             sock.close()
         self._sockets.clear()
-        if self.uds_path is not None:
+        if self.uds_path is not None and self._uds_inode is not None:
+            # Only our own socket file: another agent may have taken the path since.
             with contextlib.suppress(FileNotFoundError):
-                self.uds_path.unlink()
+                if os.stat(self.uds_path).st_ino == self._uds_inode:
+                    self.uds_path.unlink()
+            self._uds_inode = None
 
     async def drain_now(self) -> None:
         """Commit what was sent before now. HTTP calls this before a run's lifecycle operations, so an
@@ -267,9 +294,19 @@ class DatagramSource:
     def _read(self, sock: socket.socket, transport: str) -> None:
         now_ms = int(time.time() * 1000)
         received = self.metrics.datagrams.labels(transport=transport)
+        # A UDP payload always fits in 64 KiB; a Unix datagram can be larger, and a cut one must be
+        # refused whole, never parsed (its tail would be misread), so there recvmsg tells us.
+        stream_is_unix = transport == "uds"
         for _ in range(_READS_PER_WAKEUP):
             try:
-                data = sock.recv(MAX_DATAGRAM)
+                if stream_is_unix:
+                    data, _, flags, _ = sock.recvmsg(MAX_DATAGRAM)
+                    if flags & socket.MSG_TRUNC:
+                        received.inc()
+                        self._invalid(transport, "too_large", f"a datagram over {MAX_DATAGRAM} bytes")
+                        continue
+                else:
+                    data = sock.recv(MAX_DATAGRAM)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -351,6 +388,23 @@ def _by_transport(pending: list[tuple[validation.LogBatch, str]]) -> Iterator[tu
     for batch, transport in pending:
         groups.setdefault(transport, []).append(batch)
     yield from groups.items()
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Remove a socket file left by a dead process; refuse to take one a live process listens on."""
+    if not path.exists():
+        return
+    if not path.is_socket():
+        raise OSError(f"{path} exists and is not a socket; not replacing it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        path.unlink()  # nobody listens: stale
+        return
+    finally:
+        probe.close()
+    raise OSError(f"{path} is in use by another process (another mlflow-agent?)")
 
 
 def udp_socket_drops(sock: socket.socket, proc: Path = Path("/proc/net")) -> int | None:
