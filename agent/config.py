@@ -17,6 +17,8 @@ udp                            127.0.0.1:5051       UDP datagram endpoint HOST:P
 uds                            (none)               Unix datagram socket path
 uds_mode                       0600                 permissions of the Unix socket (0600 or 0660)
 udp_rcvbuf                     8MiB                 receive buffer asked of the kernel for datagrams
+token_file                     (none)               file holding the upstream's bearer token (re-read on change)
+token_command                  (none)               command printing the upstream's bearer token and expiry
 spool_dir                      (see below)          spool directory: $STATE_DIRECTORY, else
                                                     $XDG_STATE_HOME/mlflow-agent, else
                                                     ~/.local/state/mlflow-agent
@@ -257,6 +259,14 @@ def _file_mode(value: object) -> int:
     raise ValueError("expected an octal mode for owner and group only, such as 0600 or 0660")
 
 
+def _optional_text(value: object) -> str | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "")):
+        return None
+    if isinstance(value, str):
+        return value.strip()
+    raise ValueError("expected a command line")
+
+
 def _token(value: object) -> str:
     if isinstance(value, str) and value.strip() and not any(c.isspace() for c in value.strip()):
         return value.strip()
@@ -307,6 +317,8 @@ SETTINGS: tuple[SettingDef, ...] = (
     _S("uds", _optional_path, None, "PATH", "Unix datagram socket path (none by default)"),
     _S("uds_mode", _file_mode, "0600", "MODE", "permissions of the Unix socket: 0600 or 0660"),
     _S("udp_rcvbuf", _size(4096, "4KiB"), "8MiB", "SIZE", "receive buffer asked of the kernel for datagrams"),
+    _S("token_file", _optional_path, None, "PATH", "file holding the upstream bearer token; re-read when it changes"),
+    _S("token_command", _optional_text, None, "CMD", "command printing the upstream bearer token (and its expiry)"),
     _S("spool_dir", _path, _default_spool_dir, "DIR", "directory of the SQLite spool"),
     _S("spool_max_bytes", _size(1 << 20, "1MiB"), "1GiB", "SIZE", "spool size cap, e.g. 512MiB"),
     _S("overflow_policy", _choice("drop_oldest", "reject"), "drop_oldest", "POLICY",
@@ -350,6 +362,8 @@ class Settings:
     uds: Path | None = None
     uds_mode: int = _DEFAULTS["uds_mode"]
     udp_rcvbuf: int = _DEFAULTS["udp_rcvbuf"]
+    token_file: Path | None = None
+    token_command: str | None = None
     spool_dir: Path = field(default_factory=lambda: _default("spool_dir"))
     spool_max_bytes: int = _DEFAULTS["spool_max_bytes"]
     overflow_policy: str = _DEFAULTS["overflow_policy"]
@@ -468,6 +482,8 @@ def load_settings(
             raise ConfigError("upstream", f"no MLflow server configured: pass --upstream URI (or set "
                               f"{ENV_PREFIX}UPSTREAM), or --upstream none to run offline")
         values["upstream"] = _parse(_BY_NAME["upstream"], uri, "MLFLOW_TRACKING_URI")
+    if values["token_file"] is not None and values["token_command"] is not None:
+        raise ConfigError("token_command", "set token_file or token_command, not both", raw["token_command"][1])
     udp: HostPort | None = values["udp"]
     if udp is not None and not udp.is_loopback and not values["allow_unauthenticated_bind"]:
         raise ConfigError("udp", f"binding datagrams to {udp} (not loopback) accepts data from anyone: datagrams "

@@ -34,8 +34,11 @@ from agent.spool.store import Spool
 from agent.upload.resolver import Resolver
 from agent.upload.retry import RetryPolicy
 from agent.upload.uploader import Uploader
+from agent.upstream.base import UpstreamProvider
+from agent.upstream.renewing import RenewingUpstream, TokenSource
 from agent.upstream.rest import AuthError, MlflowRest
-from agent.upstream.static import StaticUpstream
+from agent.upstream.static import StaticUpstream, tls_from_env
+from agent.upstream.token_sources import TokenCommandSource, TokenFileSource
 
 log = logging.getLogger("agent")
 
@@ -80,8 +83,7 @@ class Agent:
         if s.upstream is not None:
             if not s.upstream.startswith(("http://", "https://")):
                 raise ValueError(f"upstream {s.upstream!r}: only http(s):// MLflow servers are supported so far")
-            self.rest = MlflowRest(StaticUpstream(s.upstream, self.env), self.metrics,
-                                   request_timeout=s.request_timeout)
+            self.rest = MlflowRest(self._provider(), self.metrics, request_timeout=s.request_timeout)
             await self.rest.start()
             retry = RetryPolicy(self.metrics, initial=s.retry_initial_backoff, maximum=s.retry_max_backoff,
                                 deadline=s.retry_deadline, on_auth_error=self._renew_credentials)
@@ -98,6 +100,19 @@ class Agent:
         if self.ingest:
             await self._start_http()
         self._maintenance = asyncio.create_task(self._maintain(), name="spool-maintenance")
+
+    def _provider(self) -> UpstreamProvider:
+        """Where the upstream's credentials come from: a token file, a token command, or static ones."""
+        s = self.settings
+        assert s.upstream is not None
+        source: TokenSource | None = None
+        if s.token_file is not None:
+            source = TokenFileSource(s.token_file)
+        elif s.token_command is not None:
+            source = TokenCommandSource(s.token_command)
+        if source is None:
+            return StaticUpstream(s.upstream, self.env)
+        return RenewingUpstream(s.upstream, source, self.metrics, ssl_context=tls_from_env(self.env))
 
     async def _start_http(self) -> None:
         s = self.settings
@@ -235,7 +250,12 @@ class Agent:
             "listening": self.bound_port is not None and not self.draining,
             "spool_writable": self.spool.last_commit_error is None,
         }
+        provider = self.rest.provider if self.rest is not None else None
         detail: dict[str, Any] = {"checks": checks}
+        if isinstance(provider, RenewingUpstream):
+            # Not a readiness failure (writes are still taken and kept); said so operators see why
+            # nothing leaves.
+            detail["credential"] = provider.state()
         if self.spool.last_commit_error:
             detail["spool_error"] = self.spool.last_commit_error
         if self.draining:
@@ -258,6 +278,8 @@ class Agent:
         upstream: dict[str, Any] = {"url": self.settings.upstream, "offline": self.rest is None}
         if self.rest is not None:
             upstream.update(up=self.rest.health.up, last_error=self.rest.health.last_error)
+            if isinstance(self.rest.provider, RenewingUpstream):
+                upstream["credential"] = self.rest.provider.state()
         return {
             "version": __version__,
             "time": time.time(),

@@ -79,6 +79,14 @@ class AgentMetrics:
             "Valid datagram records that could not be stored (spool full, storage error, backlog).",
             ["source", "reason"], registry=r,
         )
+        self.credential_refreshes = Counter(
+            "mlflow_agent_credential_refreshes", "Renewals of the upstream credential, by source and result.",
+            ["source", "result"], registry=r,
+        )
+        self.credential_expiry = Gauge(
+            "mlflow_agent_credential_expiry_timestamp_seconds",
+            "When the current upstream credential expires (unix time; 0 if it does not say).", registry=r,
+        )
         self.build = Info("mlflow_agent_build", "Build information.", registry=r)
         self.build.info({"version": __version__})
         for kind in ("metric", "param", "tag", "run_op"):

@@ -79,7 +79,10 @@ class Proxy:
         except NotYetUpstream as exc:
             return error_response(unavailable(
                 f"mlflow-agent: {exc.client_id} is not created upstream yet; retry shortly", retry_after=5))
-        creds = await self.rest.provider.credentials()
+        try:
+            creds = await asyncio.wait_for(self.rest.provider.credentials(), self.read_timeout)
+        except asyncio.TimeoutError:
+            return error_response(unavailable("mlflow-agent holds no valid upstream credential right now"))
         headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP)
         headers.update(creds.headers)
         headers.setdefault("User-Agent", USER_AGENT)

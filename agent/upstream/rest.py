@@ -164,8 +164,14 @@ class MlflowRest:
         params: Mapping[str, str] | None = None,
         timeout: float | None = None,
     ) -> dict[str, Any]:
-        """One JSON call to ``/api/2.0/mlflow/<endpoint>``. Raises an UpstreamError subclass."""
-        creds = await self.provider.credentials()
+        """One JSON call to ``/api/2.0/mlflow/<endpoint>``. Raises an UpstreamError subclass.
+
+        Without ``timeout`` (uploads) the call waits for a valid credential as long as it takes; with
+        one (calls a client is waiting on) the wait counts against it."""
+        try:
+            creds = await asyncio.wait_for(self.provider.credentials(), timeout)
+        except asyncio.TimeoutError:
+            raise TransientError(f"{method} {endpoint}: no valid upstream credential yet") from None
         url = f"{creds.base_url}{API}{endpoint}"
         headers = dict(creds.headers)
         data: bytes | None = None

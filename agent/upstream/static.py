@@ -20,6 +20,20 @@ log = logging.getLogger("agent.upstream")
 _TRUE = {"1", "true", "yes", "on"}
 
 
+def tls_from_env(env: Mapping[str, str]) -> ssl.SSLContext | bool:
+    """TLS towards the upstream, from the variables the mlflow client reads."""
+    if env.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() in _TRUE:
+        return False
+    ca = env.get("MLFLOW_TRACKING_SERVER_CERT_PATH")
+    client_cert = env.get("MLFLOW_TRACKING_CLIENT_CERT_PATH")
+    if not (ca or client_cert):
+        return True
+    context = ssl.create_default_context(cafile=ca or None)
+    if client_cert:
+        context.load_cert_chain(client_cert)
+    return context
+
+
 class StaticUpstream:
     name = "static"
 
@@ -37,17 +51,7 @@ class StaticUpstream:
             register_secret(basic)
             headers["Authorization"] = f"Basic {basic}"
         self._credentials = Credentials(base_url.rstrip("/"), headers, None)
-        self._ssl: ssl.SSLContext | bool = True
-        if env.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() in _TRUE:
-            self._ssl = False
-        else:
-            ca = env.get("MLFLOW_TRACKING_SERVER_CERT_PATH")
-            client_cert = env.get("MLFLOW_TRACKING_CLIENT_CERT_PATH")
-            if ca or client_cert:
-                context = ssl.create_default_context(cafile=ca or None)
-                if client_cert:
-                    context.load_cert_chain(client_cert)
-                self._ssl = context
+        self._ssl = tls_from_env(env)
 
     @property
     def ssl(self) -> ssl.SSLContext | bool:
