@@ -50,6 +50,8 @@ class Proxy:
         self.catalog = catalog
         self.read_timeout = read_timeout
         self.lifecycle_hook: LifecycleHook | None = None
+        # Azure ML's endpoint: metric history pages must stay under 1000, logged models do not exist.
+        self.azureml = False
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -72,6 +74,8 @@ class Proxy:
         try:
             path = "/".join(self._translate_str(seg) for seg in request.path.split("/"))
             query = MultiDict((k, self._translate_str(v)) for k, v in request.query.items())
+            if self.azureml and request.path.endswith("/metrics/get-history"):
+                _cap_page_size(query, AZUREML_MAX_RESULTS)
             data: Any = None
             original: Any = None
             if request.body_exists:
@@ -93,6 +97,13 @@ class Proxy:
         try:
             async with self._session.request(request.method, url, params=query, data=data, headers=headers,
                                              timeout=timeout, allow_redirects=False) as upstream:
+                if self.azureml and upstream.status == 404 and "/logged-models" in request.path:
+                    return error_response(MlflowApiError(
+                        "ENDPOINT_NOT_FOUND",
+                        "Azure ML's MLflow endpoint does not implement MLflow 3 logged models "
+                        "(/api/2.0/mlflow/logged-models answers 404). Log the model as run artifacts instead, "
+                        "e.g. mlflow.<flavor>.save_model(...) then mlflow.log_artifacts(path, 'model').",
+                    ))
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
                 for key, value in upstream.headers.items():
                     if key.lower() not in _HOP_BY_HOP:
@@ -152,6 +163,20 @@ def _translate(value: str, catalog: Catalog) -> str:
                 raise NotYetUpstream(value)
             return upstream
     return value
+
+
+AZUREML_MAX_RESULTS = 999
+
+
+def _cap_page_size(query: MultiDict[str], cap: int) -> None:
+    """The mlflow client asks for 25,000 rows a page and follows next_page_token; Azure refuses >= 1000."""
+    value = query.get("max_results")
+    try:
+        too_big = value is None or int(value) > cap
+    except ValueError:
+        too_big = False
+    if too_big:
+        query["max_results"] = str(cap)
 
 
 async def _stream(request: web.Request) -> AsyncIterator[bytes]:

@@ -30,9 +30,13 @@ class Limits:
     # MLflow documents 1 MB per request; stay under it with room for the envelope.
     max_bytes: int = 900_000
     max_values_per_metric_key: int | None = None  # Azure ML: 250
+    max_params_per_run: int | None = None  # Azure ML: 200; the rest is dead-lettered
 
 
 MLFLOW_LIMITS = Limits()
+# Azure ML's MLflow endpoint refuses more than 250 values of one metric key in one log-batch and more
+# than 200 params per run (research/azureml.md §3.2).
+AZUREML_LIMITS = Limits(max_values_per_metric_key=250, max_params_per_run=200)
 
 
 @dataclass(frozen=True, slots=True)

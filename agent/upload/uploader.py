@@ -62,6 +62,8 @@ class Uploader:
         self._experiments_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._last_send: dict[str, float] = {}
+        self._params_sent: dict[str, int] = {}  # per run, for upstreams with a per-run cap
+        self._param_cap_warned: set[str] = set()
         ledger.subscribe(self.notify)
 
     # lifecycle --------------------------------------------------------------------------------
@@ -225,8 +227,8 @@ class Uploader:
         upstream = await self._upstream_run(run)
         if upstream is None:
             return
-        translated = await self._translate(batch)
         dead: list[DeadLetter] = []
+        translated = await self._translate(self._within_param_cap(run, batch, dead))
         try:
             await self._deliver(run, upstream, translated, dead)
         except PermanentError as exc:  # the run itself is refused
@@ -236,8 +238,31 @@ class Uploader:
             await self._dead_letter_run(run, exc.status, exc.error_code, f"gave up retrying: {exc.message}")
             return
         self.ledger.acked(await self.spool.ack(batch.progress(), dead=dead))
+        self._params_sent[run] = self._params_sent.get(run, 0) + sum(
+            1 for p in translated.pieces if p.kind is Kind.PARAMS and p.send)
         if dead:
             log.error("upstream refused %d record(s) of run %s; see the dead-letter table", len(dead), run)
+
+    def _within_param_cap(self, run: str, batch: LogBatch, dead: list[DeadLetter]) -> LogBatch:
+        """Params past the upstream's per-run cap go to the dead-letter table with the reason, not upstream."""
+        cap = self.limits.max_params_per_run
+        if cap is None:
+            return batch
+        sent = self._params_sent.get(run, 0)
+        kept = []
+        for piece in batch.pieces:
+            if piece.kind is Kind.PARAMS and piece.send:
+                if sent >= cap:
+                    if run not in self._param_cap_warned:
+                        self._param_cap_warned.add(run)
+                        log.warning("run %s crossed the upstream's limit of %d params; further params are "
+                                    "dead-lettered", run, cap)
+                    dead.append(DeadLetter(piece.seq, [piece.item], 1, None, "PARAMS_LIMIT",
+                                           f"the upstream keeps at most {cap} params per run"))
+                    continue
+                sent += 1
+            kept.append(piece)
+        return LogBatch(kept)
 
     async def _translate(self, batch: LogBatch) -> LogBatch:
         pieces = []

@@ -109,6 +109,9 @@ class RenewingUpstream:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        close = getattr(self._source, "close", None)
+        if close is not None:  # e.g. azure-identity's credential owns an HTTP session
+            await close()
 
     def state(self) -> dict[str, object]:
         """For /readyz and /status: whether a valid credential is held, and why not."""

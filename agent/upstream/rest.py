@@ -75,16 +75,29 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 def classify(status: int, body: bytes, headers: Mapping[str, str]) -> UpstreamError:
     error_code: str | None = None
     message = body[:500].decode("utf-8", "replace")
+    correlation = ""
     try:
         parsed = orjson.loads(body)
         if isinstance(parsed, dict):
             error_code = parsed.get("error_code") if isinstance(parsed.get("error_code"), str) else None
             if isinstance(parsed.get("message"), str):
                 message = parsed["message"]
+            envelope = parsed.get("error")
+            if error_code is None and isinstance(envelope, dict):
+                # Azure's envelope: {"error": {"code", "message"}, "correlation": {"operation", "request"}}
+                code, text = envelope.get("code"), envelope.get("message")
+                error_code = code if isinstance(code, str) else None
+                message = text if isinstance(text, str) else message
+                ids = parsed.get("correlation")
+                if isinstance(ids, dict):
+                    correlation = " (correlation " + ", ".join(f"{k}={v}" for k, v in ids.items()) + ")"
     except orjson.JSONDecodeError:
         pass
+    request_id = headers.get("x-ms-request-id")
+    if request_id and not correlation:
+        correlation = f" (x-ms-request-id={request_id})"
     retry_after = parse_retry_after(headers.get("Retry-After"))
-    text = f"HTTP {status}" + (f" {error_code}" if error_code else "") + f": {message}"
+    text = f"HTTP {status}" + (f" {error_code}" if error_code else "") + f": {message}{correlation}"
     if status in (401, 403):
         return AuthError(text, status=status, error_code=error_code, message=message)
     if status in (408, 429) or (status >= 500 and status != 501):

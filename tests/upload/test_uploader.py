@@ -109,3 +109,38 @@ async def test_a_run_the_upstream_does_not_know_is_dead_lettered_whole(
     assert status["totals"]["dead_lettered"] == 2
     assert status["dead_letters"]["total"] == 2
     assert {d["kind"] for d in status["dead_letters"]["recent"]} == {"metric", "tag"}
+
+
+async def test_azure_limits_cap_values_per_key_and_params_per_run(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    """With Azure ML's limits: 1,000 values of one key go up in batches of at most 250 for that key, and of
+    250 params the first 200 are uploaded, the other 50 dead-lettered with the reason."""
+    from agent.upload.batcher import AZUREML_LIMITS
+
+    client = MlflowClient(mlflow_server.url)
+    exp = client.create_experiment(f"azure-limits-{uuid.uuid4().hex[:8]}")
+    run_id = client.create_run(exp).info.run_id
+    agent = Agent(_settings(mlflow_server.url, tmp_path / "spool"), env={}, ingest=False)
+    await agent.start()
+    assert agent.uploader is not None
+    agent.uploader.limits = AZUREML_LIMITS
+    try:
+        records = [Record(run_id, Kind.METRICS, [["loss", float(i), 10_000 + i, i] for i in range(j, j + 500)])
+                   for j in (0, 500)]
+        records += [Record(run_id, Kind.PARAMS, [[f"p{i:03d}", str(i)] for i in range(j, j + 50)])
+                    for j in range(0, 250, 50)]
+        agent.ledger.appended(await agent.spool.append(records), "test")
+        await _drained(agent)
+        dead = await agent.spool.dead_letters(100)
+        requests = agent.metrics.registry.get_sample_value(
+            "mlflow_agent_upstream_requests_total", {"endpoint": "runs/log-batch", "result": "ok"})
+    finally:
+        await agent.stop()
+    assert len(client.get_metric_history(run_id, "loss")) == 1000
+    assert requests is not None and requests >= 4  # 1,000 values of one key: at least 4 batches of <= 250
+    params = client.get_run(run_id).data.params
+    assert len(params) == 200 and set(params) == {f"p{i:03d}" for i in range(200)}
+    assert sum(d["records"] for d in dead) == 50
+    assert {d["error_code"] for d in dead} == {"PARAMS_LIMIT"}
+    assert all("at most 200 params" in d["message"] for d in dead)

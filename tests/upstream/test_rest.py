@@ -189,3 +189,17 @@ def test_upstream_health_follows_answers() -> None:
     health.answered()
     assert health.up is True and health.last_error is None and not health.known_down
     assert metrics.registry.get_sample_value("mlflow_agent_upstream_up") == 1
+
+
+def test_azure_error_envelope_gives_code_message_and_correlation() -> None:
+    body = (b'{"error": {"code": "UserError", "message": "FieldName=Parameters, Limit=200, Size=210"},'
+            b' "correlation": {"operation": "op-1", "request": "req-2"}}')
+    error = classify(400, body, {})
+    assert isinstance(error, PermanentError)
+    assert error.error_code == "UserError"
+    assert error.message == "FieldName=Parameters, Limit=200, Size=210"
+    assert "operation=op-1" in str(error) and "request=req-2" in str(error)
+    throttled = classify(429, b'{"error": {"code": "TooManyRequests", "message": "slow down"}}',
+                         {"Retry-After": "3", "x-ms-request-id": "abc"})
+    assert isinstance(throttled, TransientError) and throttled.retry_after == 3.0
+    assert "x-ms-request-id=abc" in str(throttled)
