@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 import time
 import urllib.error
@@ -88,9 +89,15 @@ def _settings(args: argparse.Namespace) -> Settings:
     settings = load_settings(values if args.command == "sync" else args)
     if args.command == "sync" and settings.upstream is None:
         raise ConfigError("upstream", "sync needs an upstream to upload to, not 'none'", "--upstream")
-    if settings.upstream is not None and not settings.upstream.startswith(("http://", "https://")):
-        raise ConfigError("upstream", f"{settings.upstream.split(':', 1)[0]}:// upstreams are not supported by "
-                          "this version yet; use an http(s):// MLflow server", "--upstream")
+    if settings.upstream is not None and settings.upstream.lower().startswith("azureml://"):
+        from agent.upstream.azureml import in_azureml_job, parse_azureml_uri, require_azure_identity
+
+        try:
+            parse_azureml_uri(settings.upstream)
+            if settings.token_file is None and settings.token_command is None and not in_azureml_job(os.environ):
+                require_azure_identity()
+        except ValueError as exc:
+            raise ConfigError("upstream", str(exc), "--upstream") from None
     return settings
 
 

@@ -59,7 +59,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -170,6 +170,9 @@ def _parse_upstream(value: object) -> str | None:
             raise ValueError("expected a port in 1..65535 in the URL") from None
         if parts.query or parts.fragment:
             raise ValueError("expected a URL without ?query or #fragment")
+    else:
+        # Old azureml-mlflow URIs carried an ARM token in the query: never keep (or log) it.
+        text = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
     return text.rstrip("/")
 
 
@@ -478,7 +481,8 @@ def load_settings(
     http: HostPort = values["http"]
     if raw["upstream"][1] == "default":
         uri = env.get("MLFLOW_TRACKING_URI", "").strip()
-        if not uri.lower().startswith(("http://", "https://")) or _points_at(uri, http):
+        # Inside an Azure ML job the agent's own MLFLOW_TRACKING_URI is the workspace's azureml:// URI.
+        if not uri.lower().startswith(("http://", "https://", "azureml://")) or _points_at(uri, http):
             raise ConfigError("upstream", f"no MLflow server configured: pass --upstream URI (or set "
                               f"{ENV_PREFIX}UPSTREAM), or --upstream none to run offline")
         values["upstream"] = _parse(_BY_NAME["upstream"], uri, "MLFLOW_TRACKING_URI")

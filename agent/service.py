@@ -31,6 +31,7 @@ from agent.sources.mlflow_api import MlflowApi, error_response
 from agent.sources.proxy import Proxy
 from agent.spool.ledger import Ledger
 from agent.spool.store import Spool
+from agent.upload.batcher import AZUREML_LIMITS, MLFLOW_LIMITS
 from agent.upload.resolver import Resolver
 from agent.upload.retry import RetryPolicy
 from agent.upload.uploader import Uploader
@@ -81,8 +82,9 @@ class Agent:
         self.catalog.load(loaded)
         self.dead_letters_at_start = loaded.dead_letters
         if s.upstream is not None:
-            if not s.upstream.startswith(("http://", "https://")):
-                raise ValueError(f"upstream {s.upstream!r}: only http(s):// MLflow servers are supported so far")
+            if not s.upstream.lower().startswith(("http://", "https://", "azureml://")):
+                raise ValueError(f"upstream {s.upstream!r}: only http(s):// MLflow servers and azureml:// "
+                                 "workspaces are supported")
             self.rest = MlflowRest(self._provider(), self.metrics, request_timeout=s.request_timeout)
             await self.rest.start()
             retry = RetryPolicy(self.metrics, initial=s.retry_initial_backoff, maximum=s.retry_max_backoff,
@@ -90,7 +92,7 @@ class Agent:
             self.resolver = Resolver(self.catalog, self.spool, self.rest, retry)
             self.uploader = Uploader(spool=self.spool, ledger=self.ledger, catalog=self.catalog, rest=self.rest,
                                      resolver=self.resolver, retry=retry, max_in_flight=s.upload_max_in_flight,
-                                     linger=s.upload_linger)
+                                     linger=s.upload_linger, limits=AZUREML_LIMITS if self.azureml else MLFLOW_LIMITS)
         self.ledger.loaded(loaded.pending)
         if self.uploader is not None:
             await self.uploader.start()
@@ -101,18 +103,30 @@ class Agent:
             await self._start_http()
         self._maintenance = asyncio.create_task(self._maintain(), name="spool-maintenance")
 
+    @property
+    def azureml(self) -> bool:
+        return (self.settings.upstream or "").lower().startswith("azureml://")
+
     def _provider(self) -> UpstreamProvider:
-        """Where the upstream's credentials come from: a token file, a token command, or static ones."""
+        """Where the upstream's credentials come from: a token file, a token command, Azure, or static ones."""
         s = self.settings
         assert s.upstream is not None
+        base_url = s.upstream
         source: TokenSource | None = None
         if s.token_file is not None:
             source = TokenFileSource(s.token_file)
         elif s.token_command is not None:
             source = TokenCommandSource(s.token_command)
+        if self.azureml:
+            from agent.upstream.azureml import azure_source, parse_azureml_uri
+
+            workspace = parse_azureml_uri(s.upstream)
+            base_url = workspace.base_url  # https://<host>/mlflow/v2.0/subscriptions/.../workspaces/<ws>
+            if source is None:  # an explicit --token-file / --token-command still wins
+                source = azure_source(workspace, self.env)
         if source is None:
-            return StaticUpstream(s.upstream, self.env)
-        return RenewingUpstream(s.upstream, source, self.metrics, ssl_context=tls_from_env(self.env))
+            return StaticUpstream(base_url, self.env)
+        return RenewingUpstream(base_url, source, self.metrics, ssl_context=tls_from_env(self.env))
 
     async def _start_http(self) -> None:
         s = self.settings
@@ -121,6 +135,7 @@ class Agent:
                              rest=self.rest, resolver=self.resolver, create_run_timeout=s.create_run_timeout)
         self.proxy = Proxy(self.rest, self.catalog, read_timeout=max(s.request_timeout, 60.0))
         self.proxy.lifecycle_hook = self.api.lifecycle_changed
+        self.proxy.azureml = self.azureml
         await self.proxy.start()
         OpsEndpoints(self.metrics, self.status, self.readiness, self._refresh_gauges).add_routes(app)
         self.api.add_routes(app)
