@@ -29,7 +29,9 @@ log = logging.getLogger("agent.upstream")
 
 RENEW_AT_FRACTION = 0.8
 RENEW_LEAD_SECONDS = 300.0
-_RETRY_MIN, _RETRY_MAX = 1.0, 30.0
+_RETRY_MIN, _RETRY_MAX = 1.0, 10.0  # a recovered token service is used within 10 s
+# A burst of 401/403 answers (one per in-flight request) renews once, not once per answer.
+_MIN_FORCED_INTERVAL = 1.0
 
 
 class CredentialError(Exception):
@@ -132,7 +134,9 @@ class RenewingUpstream:
             await self._valid.wait()  # uploads pause here until a renewal succeeds
 
     async def refresh(self, reason: str) -> Credentials:
-        await self._renew(reason)
+        token = self._token
+        if token is None or self._clock() - token.obtained_at >= _MIN_FORCED_INTERVAL:
+            await self._renew(reason)
         return await self.credentials()
 
     # --- internals ---------------------------------------------------------------------------

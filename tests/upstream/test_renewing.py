@@ -145,10 +145,16 @@ async def test_without_a_valid_token_credentials_wait_and_resume() -> None:
 
 async def test_concurrent_refreshes_share_one_fetch() -> None:
     source = ScriptedSource(ttl=60)
-    provider = RenewingUpstream("http://upstream", source, AgentMetrics(), ssl_context=True)
+    offset = [0.0]
+    provider = RenewingUpstream("http://upstream", source, AgentMetrics(), ssl_context=True,
+                                clock=lambda: time.time() + offset[0])
     await provider.start()
     try:
         issued = source.issued
+        # A burst of 401s right after a renewal: the fresh token is reused, the source is not asked again.
+        await asyncio.gather(*(provider.refresh("401") for _ in range(10)))
+        assert source.issued == issued
+        offset[0] = 2.0  # a while later: one renewal, shared by all concurrent callers
         await asyncio.gather(*(provider.refresh("401") for _ in range(10)))
         assert source.issued == issued + 1
     finally:
