@@ -255,7 +255,7 @@ class Agent:
                 await self.spool.maintenance()
             except Exception:
                 log.exception("spool maintenance failed")
-            self._refresh_gauges()
+            await asyncio.to_thread(self._refresh_gauges)
 
     def _refresh_gauges(self) -> None:
         self.metrics.spool_file_bytes.set(self.spool.file_bytes())
@@ -304,7 +304,7 @@ class Agent:
                 "path": str(self.spool.path),
                 "charged_bytes": self.ledger.bytes,
                 "limit_bytes": self.settings.spool_max_bytes,
-                "file_bytes": self.spool.file_bytes(),
+                "file_bytes": await asyncio.to_thread(self.spool.file_bytes),
                 "overflow_policy": self.settings.overflow_policy,
             },
             "buffered_records": self.ledger.total_items(),

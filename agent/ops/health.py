@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -42,8 +43,9 @@ class OpsEndpoints:
 
     async def prometheus(self, request: web.Request) -> web.Response:
         del request
-        self._refresh()
-        body = generate_latest(self.metrics.registry)
+        # Both touch files (the spool's size, /proc/net/udp): off the event loop.
+        await asyncio.to_thread(self._refresh)
+        body = await asyncio.to_thread(generate_latest, self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def status(self, request: web.Request) -> web.Response:

@@ -182,9 +182,10 @@ class RenewingUpstream:
             await asyncio.sleep(wait)
             token = self._token
             due = renew_at(token) if token is not None else self._clock()
-            if due is not None and due > self._clock() and not self._source.changed():
+            changed = await asyncio.to_thread(self._source.changed)  # a stat() of a token file
+            if due is not None and due > self._clock() and not changed:
                 continue
-            if due is None and not self._source.changed():
+            if due is None and not changed:
                 continue
             if await self._renew("scheduled" if token is not None else "retry") is None:
                 await asyncio.sleep(backoff)
