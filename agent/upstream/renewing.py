@@ -161,6 +161,14 @@ class RenewingUpstream:
             self._metrics.credential_refreshes.labels(source=self.name, result="error").inc()
             log.warning("credential renewal (%s) failed: %s", reason, exc)
             return None
+        current = self._token
+        if current is not None and token.value == current.value and token.expires_at == current.expires_at:
+            # The source answered from its cache (azure-identity does within 30 s of its last request,
+            # and after a swallowed error): nothing was renewed. Keep the old token's age, so the
+            # schedule does not slide, and try again after a backoff.
+            self._metrics.credential_refreshes.labels(source=self.name, result="unchanged").inc()
+            log.debug("credential renewal (%s): %s returned the current token again", reason, self.name)
+            return None
         register_secret(token.value)
         self._token = token
         self.last_error = None
