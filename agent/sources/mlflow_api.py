@@ -320,7 +320,7 @@ class MlflowApi:
                                 "run_name": run_name}
         if cr.user_id is not None:
             body["user_id"] = cr.user_id
-        task = self.resolver.attempt_create_now(provisional_id, body, self.create_run_timeout)
+        task = self.resolver.attempt_create_now(provisional_id, body)
         try:
             return await asyncio.wait_for(asyncio.shield(task), self.create_run_timeout)
         except PermanentError as exc:

@@ -89,14 +89,13 @@ class Resolver:
 
     # runs -------------------------------------------------------------------------------------
 
-    def attempt_create_now(self, run_id: str, body: dict[str, Any],
-                           timeout: float) -> asyncio.Task[dict[str, Any] | None]:
+    def attempt_create_now(self, run_id: str, body: dict[str, Any]) -> asyncio.Task[dict[str, Any] | None]:
         """Start the bounded create-run attempt that ingest makes while the client waits.
 
         The task outlives the client's wait: if the upstream answers late, the run is mapped then,
         and the uploader (which awaits this task before its own attempt) does not create a twin.
         """
-        task = asyncio.create_task(self._attempt(run_id, body, timeout), name=f"create-run-{run_id}")
+        task = asyncio.create_task(self._attempt(run_id, body), name=f"create-run-{run_id}")
         self._attempts[run_id] = task
         task.add_done_callback(lambda t: self._forget_attempt(run_id, t))
         return task
@@ -106,10 +105,9 @@ class Resolver:
         if not task.cancelled():
             task.exception()  # retrieved here; whoever awaits it sees it too
 
-    async def _attempt(self, run_id: str, body: dict[str, Any], timeout: float) -> dict[str, Any] | None:
-        # A late answer may still arrive after the client was given the provisional id; allow the
-        # request its full upstream timeout, the client only waits ``timeout``.
-        del timeout
+    async def _attempt(self, run_id: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        # A late answer may still arrive after the client was given the provisional id: the request
+        # gets its full upstream timeout; only the client's wait is bounded (by the caller).
         try:
             return await self.rest.call("POST", "runs/create", body=body)
         except PermanentError:
