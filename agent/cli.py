@@ -19,7 +19,7 @@ import orjson
 from agent import __version__
 from agent.config import ConfigError, Settings, add_arguments, load_settings, parse_hostport
 from agent.logs import configure_logging
-from agent.spool.store import SpoolLocked
+from agent.spool.store import SpoolLocked, SpoolUnavailable
 
 log = logging.getLogger("agent")
 
@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             return _run(settings)
         return asyncio.run(_sync(settings, timeout=args.timeout, progress_every=args.progress_interval))
-    except SpoolLocked as exc:
+    except SpoolUnavailable as exc:
         print(f"mlflow-agent: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # typically a port or socket path already in use
@@ -87,18 +87,36 @@ def _parser() -> argparse.ArgumentParser:
 def _settings(args: argparse.Namespace) -> Settings:
     values = {k: v for k, v in vars(args).items() if k not in ("command", "timeout", "progress_interval")}
     settings = load_settings(values if args.command == "sync" else args)
-    if args.command == "sync" and settings.upstream is None:
+    if args.command == "sync" and settings.offline:
         raise ConfigError("upstream", "sync needs an upstream to upload to, not 'none'", "--upstream")
-    if settings.upstream is not None and settings.upstream.lower().startswith("azureml://"):
-        from agent.upstream.azureml import in_azureml_job, parse_azureml_uri, require_azure_identity
-
-        try:
-            parse_azureml_uri(settings.upstream)
-            if settings.token_file is None and settings.token_command is None and not in_azureml_job(os.environ):
-                require_azure_identity()
-        except ValueError as exc:
-            raise ConfigError("upstream", str(exc), "--upstream") from None
+    if settings.azureml:
+        _check_azure(settings)
     return settings
+
+
+def _check_azure(settings: Settings) -> None:
+    """Configuration errors an Azure upstream can show before start: bad URI or file, a missing extra."""
+    from agent.upstream.azureml import in_azureml_job, parse_azureml_uri, require_azure_identity
+    from agent.upstream.azureml_core import require_azureml_core
+    from agent.upstream.workspace import read_workspace_config
+
+    name, source = ("azureml_config", "--azureml-config") if settings.azureml_config else ("upstream", "--upstream")
+    try:
+        if settings.azureml_config is not None:
+            read_workspace_config(settings.azureml_config)
+            in_job = False  # a job's run token cannot call ARM
+        else:
+            assert settings.upstream is not None
+            parse_azureml_uri(settings.upstream)
+            in_job = in_azureml_job(os.environ)
+        if settings.token_file is None and settings.token_command is None and not in_job:
+            if settings.azure_credential == "azureml-core":
+                name, source = "azure_credential", "--azure-credential"
+                require_azureml_core()
+            else:
+                require_azure_identity()
+    except ValueError as exc:
+        raise ConfigError(name, str(exc), source) from None
 
 
 def _run(settings: Settings) -> int:
@@ -124,7 +142,7 @@ async def _sync(settings: Settings, *, timeout: float | None, progress_every: fl
     await agent.start()
     started = time.monotonic()
     total = agent.ledger.total_items()
-    print(f"sync: {total} record(s) pending in {len(agent.ledger.runs())} run(s) -> {settings.upstream}")
+    print(f"sync: {total} record(s) pending in {len(agent.ledger.runs())} run(s) -> {settings.upstream_text}")
     last_print = started
     try:
         while agent.ledger.total_items() > 0 or agent.catalog.pending_experiments():
@@ -153,8 +171,9 @@ def _status(args: argparse.Namespace) -> int:
             return 1
         try:
             status = asyncio.run(_offline_status(args.spool_dir))
-        except SpoolLocked as exc:
-            print(f"mlflow-agent: {exc}; ask it instead: status --http HOST:PORT", file=sys.stderr)
+        except SpoolUnavailable as exc:
+            hint = "; ask it instead: status --http HOST:PORT" if isinstance(exc, SpoolLocked) else ""
+            print(f"mlflow-agent: {exc}{hint}", file=sys.stderr)
             return 1
     else:
         hp = parse_hostport(args.http)
@@ -200,13 +219,31 @@ def _render_status(status: dict[str, Any]) -> str:
         lines.append(f"upstream:  {upstream.get('url') or 'none'} ({state})")
         if upstream.get("last_error"):
             lines.append(f"           last error: {upstream['last_error']}")
+        credential = upstream.get("credential")
+        if credential:
+            expires = credential.get("expires_at")
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires)) if expires else "not stated"
+            valid = "valid" if credential.get("valid") else "NONE VALID"
+            lines.append(f"credential: {credential.get('source')}, {valid}, expires {when}")
+            if credential.get("last_error"):
+                lines.append(f"           last error: {credential['last_error']}")
+            workspace = credential.get("workspace")
+            if workspace and not workspace.get("resolved"):
+                lines.append(f"workspace: NOT FOUND YET: {workspace.get('last_error') or 'looking it up'}")
     spool = status.get("spool", {})
     lines.append(f"spool:     {spool.get('path')} ({spool.get('charged_bytes', 0)} bytes charged)")
-    lines.append(f"buffered:  {status.get('buffered_records', 0)} record(s)")
+    age = status.get("oldest_buffered_age_seconds")
+    lines.append(f"buffered:  {status.get('buffered_records', 0)} record(s)"
+                 + (f", oldest waiting {age:.1f}s" if age else ""))
     for run in status.get("runs", []):
-        pending = ", ".join(f"{v} {k}" for k, v in sorted(run.get("pending", {}).items()))
+        pending = ", ".join(f"{v} {k}" for k, v in sorted(run.get("pending", {}).items())) or "nothing waiting"
         name = f" ({run['run_name']})" if run.get("run_name") else ""
-        lines.append(f"  run {run['run_id']}{name}: {pending}")
+        records = run.get("records")
+        done = (f"; uploaded {records['uploaded']}, dead-lettered {records['dead_lettered']}, dropped "
+                f"{records['dropped']}") if records else ""
+        lines.append(f"  run {run['run_id']}{name}: {pending}{done}")
+    if status.get("runs_omitted"):
+        lines.append(f"  ... and {status['runs_omitted']} more idle run(s) (see --json)")
     totals = status.get("totals")
     if totals:
         lines.append("totals:    " + ", ".join(f"{k} {int(v)}" for k, v in sorted(totals.items())))

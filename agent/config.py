@@ -14,9 +14,17 @@ upstream                       $MLFLOW_TRACKING_URI MLflow server: http(s)://hos
 http                           127.0.0.1:5050       HOST:PORT to serve on ([::1]:5050 for IPv6; port 0 =
                                                     any free port)
 udp                            127.0.0.1:5051       UDP datagram endpoint HOST:PORT, or ``none``
+ops_http                       (none)               extra HOST:PORT serving only /healthz, /readyz and
+                                                    /metrics (probes, scraping)
 uds                            (none)               Unix datagram socket path
 uds_mode                       0600                 permissions of the Unix socket (0600 or 0660)
 udp_rcvbuf                     8MiB                 receive buffer asked of the kernel for datagrams
+azureml_config                 (none)               an Azure ML workspace's config.json (instead of
+                                                    ``upstream``); its host is found through ARM once
+azure_credential               default              Azure credential outside jobs: default
+                                                    (azure-identity) or azureml-core
+azure_arm_endpoint             https://management.azure.com
+                                                    Azure Resource Manager (sovereign clouds differ)
 token_file                     (none)               file holding the upstream's bearer token (re-read on change)
 token_command                  (none)               command printing the upstream's bearer token and expiry
 spool_dir                      (see below)          spool directory: $STATE_DIRECTORY, else
@@ -250,7 +258,7 @@ def _optional_path(value: object) -> Path | None:
         return None
     if isinstance(value, str | Path):
         return Path(os.path.expanduser(str(value).strip()))
-    raise ValueError("expected a socket path or none")
+    raise ValueError("expected a path or none")
 
 
 def _file_mode(value: object) -> int:
@@ -268,6 +276,14 @@ def _optional_text(value: object) -> str | None:
     if isinstance(value, str):
         return value.strip()
     raise ValueError("expected a command line")
+
+
+def _https_url(value: object) -> str:
+    text = value.strip().rstrip("/") if isinstance(value, str) else ""
+    parts = urlsplit(text)
+    if parts.scheme.lower() != "https" or not parts.hostname or parts.path or parts.query or "@" in parts.netloc:
+        raise ValueError("expected an https://host[:port] URL without a path")
+    return text
 
 
 def _token(value: object) -> str:
@@ -317,9 +333,17 @@ SETTINGS: tuple[SettingDef, ...] = (
        "MLflow server URL (http(s)://host[:port][/prefix] or azureml://...), or 'none' (offline)"),
     _S("http", parse_hostport, "127.0.0.1:5050", "HOST:PORT", "address to serve on; port 0 = any free port"),
     _S("udp", _optional_hostport, "127.0.0.1:5051", "HOST:PORT", "UDP datagram endpoint, or 'none'"),
+    _S("ops_http", _optional_hostport, None, "HOST:PORT",
+       "also serve /healthz, /readyz and /metrics here (no data, no /status), e.g. 0.0.0.0:9090"),
     _S("uds", _optional_path, None, "PATH", "Unix datagram socket path (none by default)"),
     _S("uds_mode", _file_mode, "0600", "MODE", "permissions of the Unix socket: 0600 or 0660"),
     _S("udp_rcvbuf", _size(4096, "4KiB"), "8MiB", "SIZE", "receive buffer asked of the kernel for datagrams"),
+    _S("azureml_config", _optional_path, None, "PATH",
+       "Azure ML workspace config.json (or a directory holding it) instead of --upstream"),
+    _S("azure_credential", _choice("default", "azureml-core"), "default", "SOURCE",
+       "Azure credential outside Azure ML jobs: default (azure-identity) or azureml-core"),
+    _S("azure_arm_endpoint", _https_url, "https://management.azure.com", "URL",
+       "Azure Resource Manager endpoint (its /.default is the token scope)"),
     _S("token_file", _optional_path, None, "PATH", "file holding the upstream bearer token; re-read when it changes"),
     _S("token_command", _optional_text, None, "CMD", "command printing the upstream bearer token (and its expiry)"),
     _S("spool_dir", _path, _default_spool_dir, "DIR", "directory of the SQLite spool"),
@@ -362,9 +386,13 @@ class Settings:
     upstream: str | None = None
     http: HostPort = _DEFAULTS["http"]
     udp: HostPort | None = _DEFAULTS["udp"]
+    ops_http: HostPort | None = None
     uds: Path | None = None
     uds_mode: int = _DEFAULTS["uds_mode"]
     udp_rcvbuf: int = _DEFAULTS["udp_rcvbuf"]
+    azureml_config: Path | None = None
+    azure_credential: str = _DEFAULTS["azure_credential"]
+    azure_arm_endpoint: str = _DEFAULTS["azure_arm_endpoint"]
     token_file: Path | None = None
     token_command: str | None = None
     spool_dir: Path = field(default_factory=lambda: _default("spool_dir"))
@@ -387,7 +415,19 @@ class Settings:
 
     @property
     def offline(self) -> bool:
-        return self.upstream is None
+        return self.upstream is None and self.azureml_config is None
+
+    @property
+    def azureml(self) -> bool:
+        """Whether the upstream is an Azure ML workspace (by URI or by config.json)."""
+        return self.azureml_config is not None or (self.upstream or "").lower().startswith("azureml://")
+
+    @property
+    def upstream_text(self) -> str:
+        """The upstream as operators know it (for logs and status)."""
+        if self.azureml_config is not None:
+            return f"Azure ML workspace from {self.azureml_config}"
+        return self.upstream or "none (offline)"
 
     def describe(self) -> dict[str, object]:
         """Every setting, JSON-friendly, secrets masked: for the start-up log line."""
@@ -479,7 +519,10 @@ def load_settings(
 
     values: dict[str, Any] = {d.name: _parse(d, *raw[d.name]) for d in SETTINGS}
     http: HostPort = values["http"]
-    if raw["upstream"][1] == "default":
+    if values["azureml_config"] is not None:
+        if raw["upstream"][1] != "default" and values["upstream"] is not None:
+            raise ConfigError("azureml_config", "set upstream or azureml_config, not both", raw["azureml_config"][1])
+    elif raw["upstream"][1] == "default":
         uri = env.get("MLFLOW_TRACKING_URI", "").strip()
         # Inside an Azure ML job the agent's own MLFLOW_TRACKING_URI is the workspace's azureml:// URI.
         if not uri.lower().startswith(("http://", "https://", "azureml://")) or _points_at(uri, http):

@@ -16,7 +16,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -26,6 +26,7 @@ from agent.config import Settings
 from agent.errors import MlflowApiError
 from agent.ops.health import OpsEndpoints
 from agent.ops.metrics import AgentMetrics
+from agent.ops.notify import NOTIFY_VARIABLES, SystemdNotifier
 from agent.sources.datagram import DatagramSource
 from agent.sources.mlflow_api import MlflowApi, error_response
 from agent.sources.proxy import Proxy
@@ -40,12 +41,18 @@ from agent.upstream.renewing import RenewingUpstream, TokenSource
 from agent.upstream.rest import AuthError, MlflowRest
 from agent.upstream.static import StaticUpstream, tls_from_env
 from agent.upstream.token_sources import TokenCommandSource, TokenFileSource
+from agent.upstream.workspace import ArmResolvedUpstream
+
+if TYPE_CHECKING:
+    from agent.upstream.azureml import AzureWorkspace
 
 log = logging.getLogger("agent")
 
 _OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 _LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 _MAINTENANCE_INTERVAL = 30.0
+_PROBE_INTERVAL = 30.0  # an idle agent asks the upstream this often whether it answers
+_STATUS_IDLE_RUNS = 100  # /status lists every run with records waiting, and this many idle ones
 
 
 class Agent:
@@ -65,7 +72,10 @@ class Agent:
         self.proxy: Proxy | None = None
         self.datagrams: DatagramSource | None = None
         self._runner: web.AppRunner | None = None
+        self._ops_runner: web.AppRunner | None = None
+        self.bound_ops_port: int | None = None
         self._maintenance: asyncio.Task[None] | None = None
+        self._probe: asyncio.Task[None] | None = None
         self.bound_port: int | None = None
         self.draining = False
         self.dead_letters_at_start = 0
@@ -81,10 +91,7 @@ class Agent:
             self.metrics.spool_quarantined.inc()
         self.catalog.load(loaded)
         self.dead_letters_at_start = loaded.dead_letters
-        if s.upstream is not None:
-            if not s.upstream.lower().startswith(("http://", "https://", "azureml://")):
-                raise ValueError(f"upstream {s.upstream!r}: only http(s):// MLflow servers and azureml:// "
-                                 "workspaces are supported")
+        if not s.offline:
             self.rest = MlflowRest(self._provider(), self.metrics, request_timeout=s.request_timeout)
             await self.rest.start()
             retry = RetryPolicy(self.metrics, initial=s.retry_initial_backoff, maximum=s.retry_max_backoff,
@@ -102,31 +109,48 @@ class Agent:
         if self.ingest:
             await self._start_http()
         self._maintenance = asyncio.create_task(self._maintain(), name="spool-maintenance")
+        if self.rest is not None:
+            self._probe = asyncio.create_task(self._watch_upstream(self.rest), name="upstream-probe")
 
     @property
     def azureml(self) -> bool:
-        return (self.settings.upstream or "").lower().startswith("azureml://")
+        return self.settings.azureml
 
     def _provider(self) -> UpstreamProvider:
         """Where the upstream's credentials come from: a token file, a token command, Azure, or static ones."""
         s = self.settings
-        assert s.upstream is not None
-        base_url = s.upstream
         source: TokenSource | None = None
         if s.token_file is not None:
             source = TokenFileSource(s.token_file)
         elif s.token_command is not None:
             source = TokenCommandSource(s.token_command)
+        if s.azureml_config is not None:
+            from agent.upstream.workspace import CACHE_NAME, ArmWorkspaceLocator, read_workspace_config
+
+            # No run token here: it cannot call ARM. An explicit token file or command still wins.
+            ssl_context = tls_from_env(self.env)
+            locator = ArmWorkspaceLocator(read_workspace_config(s.azureml_config), arm_endpoint=s.azure_arm_endpoint,
+                                          cache_path=s.spool_dir / CACHE_NAME, ssl=ssl_context)
+            inner = RenewingUpstream("", source or self._azure_credential(), self.metrics, ssl_context=ssl_context)
+            return ArmResolvedUpstream(inner, locator)
+        assert s.upstream is not None
+        base_url = s.upstream
         if self.azureml:
-            from agent.upstream.azureml import azure_source, parse_azureml_uri
+            from agent.upstream.azureml import parse_azureml_uri
 
             workspace = parse_azureml_uri(s.upstream)
             base_url = workspace.base_url  # https://<host>/mlflow/v2.0/subscriptions/.../workspaces/<ws>
-            if source is None:  # an explicit --token-file / --token-command still wins
-                source = azure_source(workspace, self.env)
+            if source is None:  # inside a job, the job's own run token
+                source = self._azure_credential(workspace)
         if source is None:
             return StaticUpstream(base_url, self.env)
         return RenewingUpstream(base_url, source, self.metrics, ssl_context=tls_from_env(self.env))
+
+    def _azure_credential(self, job_workspace: AzureWorkspace | None = None) -> TokenSource:
+        from agent.upstream.azureml import azure_token_source
+
+        return azure_token_source(self.env, job_workspace=job_workspace, credential=self.settings.azure_credential,
+                                  arm_endpoint=self.settings.azure_arm_endpoint)
 
     async def _start_http(self) -> None:
         s = self.settings
@@ -137,7 +161,8 @@ class Agent:
         self.proxy.lifecycle_hook = self.api.lifecycle_changed
         self.proxy.azureml = self.azureml
         await self.proxy.start()
-        OpsEndpoints(self.metrics, self.status, self.readiness, self._refresh_gauges).add_routes(app)
+        ops = OpsEndpoints(self.metrics, self.status, self.readiness, self._refresh_gauges)
+        ops.add_routes(app)
         self.api.add_routes(app)
         app.router.add_route("*", "/{tail:.*}", self.proxy.handle)
         if s.udp is not None or s.uds is not None:
@@ -151,8 +176,18 @@ class Agent:
         await site.start()
         addresses = self._runner.addresses  # the real port when --http asked for port 0
         self.bound_port = int(addresses[0][1]) if addresses else s.http.port
-        log.info("listening on http://%s:%s (upstream: %s)", s.http.host, self.bound_port,
-                 s.upstream or "none, offline")
+        log.info("listening on http://%s:%s (upstream: %s)", s.http.host, self.bound_port, s.upstream_text)
+        if s.ops_http is not None:
+            # Probes and scrapers only: no ingest routes and no /status (it names runs), so no token and
+            # no host check are needed.
+            ops_app = web.Application(client_max_size=4096)
+            ops.add_routes(ops_app, with_status=False)
+            self._ops_runner = web.AppRunner(ops_app, access_log=None, handle_signals=False)
+            await self._ops_runner.setup()
+            await web.TCPSite(self._ops_runner, s.ops_http.host, s.ops_http.port, reuse_address=True).start()
+            ops_addresses = self._ops_runner.addresses
+            self.bound_ops_port = int(ops_addresses[0][1]) if ops_addresses else s.ops_http.port
+            log.info("health and metrics also on http://%s:%s", s.ops_http.host, self.bound_ops_port)
 
     async def drain(self, timeout: float) -> bool:
         """Stop taking requests, then upload what is spooled for up to ``timeout`` seconds."""
@@ -171,16 +206,19 @@ class Agent:
         return await self.uploader.drain(timeout)
 
     async def stop(self) -> None:
-        if self._maintenance is not None:
-            self._maintenance.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._maintenance
+        for task in (self._maintenance, self._probe):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.datagrams is not None:
             await self.datagrams.stop()
         if self.api is not None:
             await self.api.stop()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._ops_runner is not None:  # last: probes and scrapes see the drain through
+            await self._ops_runner.cleanup()
         if self.proxy is not None:
             await self.proxy.stop()
         if self.uploader is not None:
@@ -204,11 +242,20 @@ class Agent:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await self.start()
-        await stop.wait()
-        log.info("signal received: shutting down")
-        await self.drain(self.settings.drain_timeout)
-        await self.stop()
+        notifier = SystemdNotifier()  # takes NOTIFY_SOCKET & co. out of os.environ: children must not see them
+        for name in NOTIFY_VARIABLES:
+            self.env.pop(name, None)
+        try:
+            await self.start()
+            notifier.ready(f"listening on {self.settings.http.host}:{self.bound_port}")
+            await stop.wait()
+            log.info("signal received: shutting down")
+            notifier.stopping(f"draining {self.ledger.total_items()} record(s) for up to "
+                              f"{self.settings.drain_timeout:g}s")
+            await self.drain(self.settings.drain_timeout)
+            await self.stop()
+        finally:
+            await notifier.stop()
         return 0
 
     # security ---------------------------------------------------------------------------------
@@ -257,20 +304,53 @@ class Agent:
                 log.exception("spool maintenance failed")
             await asyncio.to_thread(self._refresh_gauges)
 
+    async def _watch_upstream(self, rest: MlflowRest) -> None:
+        """Ask the upstream now and then when nothing else does, so ``upstream_up`` is current when idle."""
+        while True:
+            last = rest.health.last_seen
+            if last is None or time.monotonic() - last >= _PROBE_INTERVAL:
+                await rest.probe(timeout=min(self.settings.request_timeout, 10.0))
+            await asyncio.sleep(_PROBE_INTERVAL / 3)
+
     def _refresh_gauges(self) -> None:
+        """Gauges read from the file system at scrape time (called in a worker thread)."""
         self.metrics.spool_file_bytes.set(self.spool.file_bytes())
+        with contextlib.suppress(OSError):  # the directory vanished: keep the last value, readiness says why
+            st = os.statvfs(self.spool.directory)
+            self.metrics.spool_disk_free_bytes.set(st.f_bavail * st.f_frsize)
+        self.metrics.oldest_buffered_age.set(self._oldest_age())
+
+    def _oldest_age(self) -> float:
+        oldest = self.spool.oldest_at
+        return max(time.time() - oldest, 0.0) if oldest and self.ledger.total_items() > 0 else 0.0
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready = taking writes and keeping them. Each failed check adds a reason a person can act on.
+
+        A missing credential or an unreachable upstream is reported, not a failure: writes are still
+        accepted and kept, which is what readiness promises to the training job."""
+        s = self.settings
         checks = {
             "listening": self.bound_port is not None and not self.draining,
             "spool_writable": self.spool.last_commit_error is None,
+            "spool_under_limit": self.ledger.bytes < s.spool_max_bytes,
         }
+        reasons: list[str] = []
+        if self.draining:
+            reasons.append("draining: shutting down, no longer taking writes")
+        elif self.bound_port is None:
+            reasons.append("not listening yet")
+        if self.spool.last_commit_error:
+            reasons.append(f"spool not writable: {self.spool.last_commit_error}")
+        if not checks["spool_under_limit"]:
+            policy = "dropping the oldest metrics" if s.overflow_policy == "drop_oldest" else "refusing writes"
+            reasons.append(f"spool full ({self.ledger.bytes} of {s.spool_max_bytes} bytes): {policy}")
+        detail: dict[str, Any] = {"checks": checks, "reasons": reasons}
         provider = self.rest.provider if self.rest is not None else None
-        detail: dict[str, Any] = {"checks": checks}
-        if isinstance(provider, RenewingUpstream):
-            # Not a readiness failure (writes are still taken and kept); said so operators see why
-            # nothing leaves.
+        if isinstance(provider, RenewingUpstream | ArmResolvedUpstream):
             detail["credential"] = provider.state()
+        if self.rest is not None:
+            detail["upstream"] = {"up": self.rest.health.up, "last_error": self.rest.health.last_error}
         if self.spool.last_commit_error:
             detail["spool_error"] = self.spool.last_commit_error
         if self.draining:
@@ -278,8 +358,12 @@ class Agent:
         return all(checks.values()), detail
 
     async def status(self) -> dict[str, Any]:
+        waiting = set(self.ledger.runs())
+        known = self.ledger.known_runs()  # least recently changed first
+        idle = [run for run in known if run not in waiting]
+        shown_idle = idle[-_STATUS_IDLE_RUNS:]
         runs = []
-        for run in sorted(self.ledger.runs()):
+        for run in sorted(waiting) + shown_idle[::-1]:
             entry = self.catalog.run(run)
             runs.append({
                 "run_id": run,
@@ -287,13 +371,16 @@ class Agent:
                 "provisional": bool(entry and entry.provisional),
                 "run_name": entry.info.get("run_name") if entry else None,
                 "pending": self.ledger.run_breakdown(run),
+                "records": self.ledger.run_stats(run),
             })
         dead = await self.spool.dead_letters(20)
         totals = _totals(self.metrics)
-        upstream: dict[str, Any] = {"url": self.settings.upstream, "offline": self.rest is None}
+        s = self.settings
+        upstream: dict[str, Any] = {"url": s.upstream if s.azureml_config is None else s.upstream_text,
+                                    "offline": self.rest is None}
         if self.rest is not None:
             upstream.update(up=self.rest.health.up, last_error=self.rest.health.last_error)
-            if isinstance(self.rest.provider, RenewingUpstream):
+            if isinstance(self.rest.provider, RenewingUpstream | ArmResolvedUpstream):
                 upstream["credential"] = self.rest.provider.state()
         return {
             "version": __version__,
@@ -308,8 +395,10 @@ class Agent:
                 "overflow_policy": self.settings.overflow_policy,
             },
             "buffered_records": self.ledger.total_items(),
+            "oldest_buffered_age_seconds": self._oldest_age(),
             "buffered_by_kind": self.ledger.by_kind(),
             "runs": runs,
+            "runs_omitted": len(idle) - len(shown_idle),  # idle runs beyond the most recent ones shown
             "experiments_pending": [e.name for e in self.catalog.pending_experiments()],
             "dead_letters": {"total": self.dead_letters_at_start + int(totals.get("dead_lettered", 0)), "recent": dead},
             "totals": totals,

@@ -66,7 +66,9 @@ def test_status_of_a_running_agent_and_of_its_spool_after_stop(
     text = run_cli("status", "--http", f"127.0.0.1:{agent.port}")
     assert text.returncode == 0, text.stderr
     assert "upstream:  none (offline)" in text.stdout.splitlines(), text.stdout
-    assert f"buffered:  {buffered} record(s)" in text.stdout.splitlines(), text.stdout
+    # a running agent adds the age of the oldest waiting record to the line
+    assert any(line.startswith(f"buffered:  {buffered} record(s), oldest waiting ")
+               for line in text.stdout.splitlines()), text.stdout
     for name, run in acked.runs.items():
         line = next((x for x in text.stdout.splitlines() if x.strip().startswith(f"run {run.run_id}")), None)
         assert line is not None and f"({name}): {run.metric_count} metric," in line, text.stdout
@@ -161,8 +163,14 @@ def test_status_of_a_missing_spool_dir_reports_it_and_creates_nothing(tmp_path: 
         (["--spool-max-bytes", "lots"], {}, "spool_max_bytes"),
         ([], {"MLFLOW_AGENT_FOO": "1"}, "MLFLOW_AGENT_FOO"),
         (["--upstream", "ftp://x"], {}, "upstream"),
+        (["--azureml-config", "/nonexistent/mlflow-agent/config.json"], {}, "azureml_config"),
+        (["--azureml-config", "/nonexistent/mlflow-agent/config.json", "--upstream", "http://127.0.0.1:5000"], {},
+         "azureml_config"),
+        (["--azure-credential", "msal"], {}, "azure_credential"),
+        (["--azure-arm-endpoint", "http://management.azure.com"], {}, "azure_arm_endpoint"),
     ],
-    ids=["bad-size", "unknown-env", "bad-upstream"],
+    ids=["bad-size", "unknown-env", "bad-upstream", "missing-azureml-config", "azureml-config-and-upstream",
+         "bad-azure-credential", "plain-http-arm-endpoint"],
 )
 def test_bad_config_exits_2_with_one_line_naming_the_setting(
     args: list[str], env: dict[str, str], named: str, tmp_path: Path

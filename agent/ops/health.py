@@ -26,11 +26,13 @@ class OpsEndpoints:
         self._refresh = refresh
         self.started = time.time()
 
-    def add_routes(self, app: web.Application) -> None:
+    def add_routes(self, app: web.Application, *, with_status: bool = True) -> None:
+        """``with_status=False`` for a listener others can reach: /status names runs and experiments."""
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.prometheus)
-        app.router.add_get("/status", self.status)
+        if with_status:
+            app.router.add_get("/status", self.status)
 
     async def healthz(self, request: web.Request) -> web.Response:
         del request

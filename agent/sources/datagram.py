@@ -203,6 +203,7 @@ class DatagramSource:
         self._sockets: list[tuple[socket.socket, str]] = []
         self._pending: list[tuple[validation.LogBatch, str]] = []
         self._pending_records = 0
+        self._pending_since = 0.0  # when the oldest datagram still waiting for a commit was read
         self._flush_task: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
         self._limiter = RateLimiter()
@@ -325,6 +326,8 @@ class DatagramSource:
                 if self._pending_records + n > _MAX_BACKLOG:
                     self.metrics.ingest_refused.labels(source=transport, reason="backlog").inc(n)
                     continue
+                if not self._pending:
+                    self._pending_since = time.monotonic()
                 self._pending.append((batch, transport))
                 self._pending_records += n
 
@@ -343,10 +346,11 @@ class DatagramSource:
         async with self._flush_lock:
             while self._pending:
                 pending, self._pending, self._pending_records = self._pending, [], 0
+                since = self._pending_since
                 for transport, group in _by_transport(pending):
-                    await self._commit(transport, group)
+                    await self._commit(transport, group, since)
 
-    async def _commit(self, transport: str, batches: list[validation.LogBatch]) -> None:
+    async def _commit(self, transport: str, batches: list[validation.LogBatch], since: float) -> None:
         writes: list[tuple[RunEntry, validation.LogBatch]] = []
         for batch in batches:
             entry = self.catalog.run(batch.run_id)
@@ -358,6 +362,7 @@ class DatagramSource:
             writes.append((entry, batch))
         try:
             errors = await self.ingest.log_many(writes, source=transport)
+            self.metrics.ingest_latency.labels(source=transport).observe(time.monotonic() - since)
         except SpoolFull:
             self._refused(transport, "spool_full", writes)
             return

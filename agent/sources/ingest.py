@@ -74,12 +74,12 @@ class Ingest:
             return errors
         records = [Record(run, kind, items) for (run, kind), items in pending.records.items()]
         try:
-            result = await self.spool.append(records, pending.writes)
+            result = await self.spool.append(records, pending.writes, source=source)
         except BaseException:
             for entry, key in pending.reserved:
                 entry.params.pop(key, None)
             raise
-        self.ledger.appended(result, source)
+        self.ledger.appended(result)
         for entry, lb in pending.accepted:
             for k, v in lb.tags:
                 entry.tags[k] = v

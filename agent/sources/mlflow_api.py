@@ -55,6 +55,11 @@ def error_response(error: MlflowApiError) -> web.Response:
     return json_response(error.body(), status=error.status, headers=headers)
 
 
+# Writes answered from the spool alone (runs/create and experiments/create may wait for the upstream).
+_LOCAL_WRITES = frozenset({"runs/log-batch", "runs/log-metric", "runs/log-parameter", "runs/set-tag",
+                           "runs/delete-tag", "runs/update"})
+
+
 class MlflowApi:
     def __init__(
         self,
@@ -115,9 +120,15 @@ class MlflowApi:
     def _guard(self, endpoint: str, handler: Handler) -> Handler:
         """Turns MlflowApiError into MLflow's error JSON, and storage trouble into a retryable 503."""
 
+        timed = endpoint in _LOCAL_WRITES
+
         async def guarded(request: web.Request) -> web.StreamResponse:
+            started = time.monotonic()
             try:
-                return await handler(request)
+                response = await handler(request)
+                if timed:
+                    self.metrics.ingest_latency.labels(source="http").observe(time.monotonic() - started)
+                return response
             except MlflowApiError as exc:
                 self.metrics.rejected.labels(endpoint=endpoint, error_code=exc.error_code).inc()
                 return error_response(exc)
@@ -164,8 +175,8 @@ class MlflowApi:
         if entry.complete and key not in entry.tags:
             raise MlflowApiError("RESOURCE_DOES_NOT_EXIST", f"No tag with name: {key} in run with id {run_id}")
         result = await self.spool.append([Record(entry.run_id, Kind.DELETE_TAG, {"key": key})],
-                                         [TagPut(entry.run_id, key, None)])
-        self.ledger.appended(result, "http")
+                                         [TagPut(entry.run_id, key, None)], source="http")
+        self.ledger.appended(result)
         entry.tags.pop(key, None)
         return json_response({})
 
@@ -187,8 +198,8 @@ class MlflowApi:
             if ur.run_name is not None:
                 entry.tags["mlflow.runName"] = ur.run_name
                 writes.append(TagPut(entry.run_id, "mlflow.runName", ur.run_name))
-            result = await self.spool.append([Record(entry.run_id, Kind.UPDATE_RUN, payload)], writes)
-            self.ledger.appended(result, "http")
+            result = await self.spool.append([Record(entry.run_id, Kind.UPDATE_RUN, payload)], writes, source="http")
+            self.ledger.appended(result)
         return json_response({"run_info": self.catalog.run_info_json(entry)})
 
     async def _writable_run(self, run_id: str) -> RunEntry:
@@ -291,9 +302,9 @@ class MlflowApi:
         payload = {"experiment_id": cr.experiment_id, "user_id": cr.user_id, "run_name": run_name,
                    "start_time": start_time, "tags": tags}
         writes = self._entry_writes(entry)
-        result = await self.spool.append([Record(provisional_id, Kind.CREATE_RUN, payload)], writes)
+        result = await self.spool.append([Record(provisional_id, Kind.CREATE_RUN, payload)], writes, source="http")
         self.catalog.add_run(entry)
-        self.ledger.appended(result, "http")
+        self.ledger.appended(result)
         log.info("run %s created provisionally (upstream %s)", provisional_id,
                  "not configured" if self.rest is None else "did not answer in time")
         return json_response(self.catalog.run_json(entry))

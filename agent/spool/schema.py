@@ -7,7 +7,7 @@ written in the same transactions as the records they explain, so a crash never l
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # auto_vacuum must be chosen before the first table exists: INCREMENTAL lets the agent hand freed
 # pages back to the file system in small steps instead of one long VACUUM.
@@ -20,7 +20,9 @@ CREATE TABLE IF NOT EXISTS records (
     n     INTEGER NOT NULL,                   -- items in body
     done  INTEGER NOT NULL DEFAULT 0,         -- items already delivered upstream
     size  INTEGER NOT NULL,                   -- bytes charged against the spool limit
-    body  BLOB    NOT NULL                    -- orjson payload
+    body  BLOB    NOT NULL,                   -- orjson payload
+    source INTEGER NOT NULL DEFAULT 0,        -- SOURCES index: where the records came in
+    at    REAL    NOT NULL DEFAULT 0          -- unix time they were made durable
 );
 CREATE INDEX IF NOT EXISTS records_by_run ON records (run, seq);
 CREATE INDEX IF NOT EXISTS records_by_kind ON records (kind, seq);
@@ -55,6 +57,17 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     at         REAL    NOT NULL               -- unix time
 );
 """
+
+# Upgrades from an older user_version, in order: version N's script turns N into N + 1.
+MIGRATIONS: dict[int, str] = {
+    1: """
+ALTER TABLE records ADD COLUMN source INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE records ADD COLUMN at REAL NOT NULL DEFAULT 0;
+""",
+}
+
+# The ``source`` column's values; rows from before version 2 say "unknown".
+SOURCES = ("unknown", "http", "udp", "uds")
 
 # Charged per row on top of the payload: SQLite's own row and index overhead, roughly. It keeps a
 # spool of many tiny rows from exceeding its byte limit on disk by much.

@@ -20,7 +20,8 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,7 +29,7 @@ from typing import Any, TypeVar
 import orjson
 
 from agent.records import Kind, Record
-from agent.spool.schema import CREATE, ROW_OVERHEAD, SCHEMA_VERSION
+from agent.spool.schema import CREATE, MIGRATIONS, ROW_OVERHEAD, SCHEMA_VERSION, SOURCES
 
 log = logging.getLogger("agent.spool")
 
@@ -46,8 +47,20 @@ class SpoolClosed(Exception):
     """Raised for jobs submitted after ``close``."""
 
 
-class SpoolLocked(Exception):
+class SpoolUnavailable(Exception):
+    """This process cannot use the spool directory; the start stops with the message (nothing is moved)."""
+
+
+class SpoolLocked(SpoolUnavailable):
     """Another process (an agent or ``sync``) holds this spool directory."""
+
+
+class SpoolTooNew(SpoolUnavailable):
+    """The spool was written by a newer agent: kept as it is for that agent (never quarantined)."""
+
+
+class SpoolUpgradeFailed(SpoolUnavailable):
+    """Upgrading an older spool's schema failed (e.g. a full disk); the file is left as it was."""
 
 
 # --- what jobs take and return ------------------------------------------------------------------
@@ -87,6 +100,11 @@ class TagPut:
 CatalogWrite = RunUpsert | ExperimentUpsert | ParamPut | TagPut
 
 
+# Records found in the spool when it was opened are labelled with this source for the process's lifetime,
+# so that each source's loss identity holds per lifetime (see agent.ops.metrics).
+FOUND_AT_START = "spool"
+
+
 @dataclass(slots=True, frozen=True)
 class RowChange:
     """Records that left (or entered) the buffer: how many items and bytes, for which run and kind."""
@@ -95,6 +113,7 @@ class RowChange:
     kind: Kind
     items: int
     size: int
+    source: str = "http"  # http, udp, uds, or FOUND_AT_START
 
 
 @dataclass(slots=True)
@@ -130,6 +149,9 @@ class AckResult:
     delivered: list[RowChange]  # items now gone from the buffer because upstream has them
     dead: list[RowChange]  # items moved to the dead-letter table
     freed: list[RowChange]  # rows deleted (bytes freed), for byte accounting
+    # Seconds from each fully delivered row's commit to this acknowledgement (rows found at start
+    # included: their wait spans the restart).
+    delivery_seconds: list[float] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -186,8 +208,15 @@ class Spool:
         self._conn: sqlite3.Connection | None = None
         self._closed = False
         self._lock_fd: int | None = None
-        # Owned by the writer thread: the bytes charged against max_bytes.
+        # Owned by the writer thread: the bytes charged against max_bytes, the last row seq found at
+        # open (rows up to it are FOUND_AT_START), and when the oldest row still held was written.
         self._bytes = 0
+        self._seq_at_open = 0
+        self.oldest_at: float | None = None
+        # Rows whose items are being sent upstream right now: drop_oldest must not evict them (their
+        # points may already be upstream, and would be counted as dropped). Shared with the writer thread.
+        self._in_flight: Counter[int] = Counter()
+        self._in_flight_lock = threading.Lock()
         self.last_commit_error: str | None = None
 
     # lifecycle --------------------------------------------------------------------------------
@@ -217,11 +246,30 @@ class Spool:
 
     # public jobs ------------------------------------------------------------------------------
 
-    async def append(self, records: list[Record], catalog: Iterable[CatalogWrite] = ()) -> AppendResult:
-        """Make records (and the catalog facts that go with them) durable. Raises SpoolFull."""
+    async def append(self, records: list[Record], catalog: Iterable[CatalogWrite] = (), *,
+                     source: str = "http") -> AppendResult:
+        """Make records (and the catalog facts that go with them) durable. Raises SpoolFull.
+
+        ``source`` is where they came in: http, udp or uds."""
         encoded = [(r, r.encode()) for r in records]
         writes = list(catalog)
-        return await self._submit(lambda conn: self._append(conn, encoded, writes))
+        source_id = SOURCES.index(source)
+        return await self._submit(lambda conn: self._append(conn, encoded, writes, source_id))
+
+    @contextlib.contextmanager
+    def in_flight(self, seqs: Iterable[int]) -> Iterator[None]:
+        """Keep these rows from eviction while their items are being delivered (held until acked)."""
+        held = list(seqs)
+        with self._in_flight_lock:
+            self._in_flight.update(held)
+        try:
+            yield
+        finally:
+            with self._in_flight_lock:
+                self._in_flight.subtract(held)
+                for seq in held:
+                    if self._in_flight[seq] <= 0:
+                        del self._in_flight[seq]
 
     async def write_catalog(self, catalog: Iterable[CatalogWrite]) -> None:
         writes = list(catalog)
@@ -376,6 +424,8 @@ class Spool:
         loaded.quarantined = quarantined
         self._conn = conn
         self._bytes = sum(p.size for p in loaded.pending)
+        self._seq_at_open = int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM records").fetchone()[0])
+        self._note_oldest(conn)
         return loaded
 
     def _take_lock(self) -> None:
@@ -405,18 +455,23 @@ class Spool:
         finally:
             os.umask(old_umask)
         try:
+            # Read before anything changes the file: a newer agent's spool must stay exactly as it is.
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise SpoolTooNew(f"spool {self.path} has schema version {version}, written by a newer "
+                                  f"mlflow-agent (this one knows up to {SCHEMA_VERSION}): upload it with that "
+                                  "version's `sync`, or point --spool-dir elsewhere")
             # Must come before anything else touches a new file, or it has no effect.
             conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {'FULL' if self.sync_full else 'NORMAL'}")
             conn.execute("PRAGMA journal_size_limit = 67108864")
             conn.execute("PRAGMA cache_size = -8192")  # 8 MiB page cache: enough, and bounded
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 conn.executescript(CREATE)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             elif version != SCHEMA_VERSION:
-                raise sqlite3.DatabaseError(f"unknown spool schema version {version}")
+                self._migrate(conn, version)
         except BaseException:
             conn.close()
             raise
@@ -424,6 +479,32 @@ class Spool:
             with contextlib.suppress(OSError):
                 os.chmod(str(self.path) + suffix, 0o600)
         return conn
+
+    def _migrate(self, conn: sqlite3.Connection, version: int) -> None:
+        """Upgrade a spool written by an older agent in one transaction (nothing is lost or rewritten)."""
+        if version not in MIGRATIONS:
+            raise sqlite3.DatabaseError(f"unknown spool schema version {version}")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                while version < SCHEMA_VERSION:
+                    for statement in filter(str.strip, MIGRATIONS[version].split(";")):
+                        conn.execute(statement)
+                    version += 1
+                # Rows written before arrival times were kept: count their age from now.
+                conn.execute("UPDATE records SET at = ? WHERE at = 0", (time.time(),))
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            if isinstance(exc, sqlite3.DatabaseError) and _is_busy(exc):
+                raise
+            # The rollback left the old file whole: never quarantine a readable spool over a full disk.
+            raise SpoolUpgradeFailed(f"spool {self.path} could not be upgraded to schema version {SCHEMA_VERSION} "
+                                     f"({exc}); it is unchanged: free some space and start again") from exc
+        log.info("spool %s upgraded to schema version %d", self.path, SCHEMA_VERSION)
 
     def _quarantine(self, exc: BaseException) -> Path:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -445,8 +526,17 @@ class Spool:
         )
         return target
 
+    def _label(self, seq: int, source: int) -> str:
+        return FOUND_AT_START if seq <= self._seq_at_open else SOURCES[source] if 0 <= source < len(SOURCES) \
+            else SOURCES[0]
+
+    def _note_oldest(self, conn: sqlite3.Connection) -> None:
+        """After rows left: when the oldest row still held was written (rows are in seq order)."""
+        row = conn.execute("SELECT at FROM records ORDER BY seq LIMIT 1").fetchone()
+        self.oldest_at = float(row[0]) if row is not None else None
+
     def _append(
-        self, conn: sqlite3.Connection, encoded: list[tuple[Record, bytes]], writes: list[CatalogWrite]
+        self, conn: sqlite3.Connection, encoded: list[tuple[Record, bytes]], writes: list[CatalogWrite], source: int
     ) -> AppendResult:
         incoming = sum(len(body) + ROW_OVERHEAD for _, body in encoded)
         evicted: list[RowChange] = []
@@ -458,29 +548,38 @@ class Spool:
                 raise SpoolFull(f"spool holds {self._bytes} of {self.max_bytes} bytes and no metric is left to drop")
         _apply_catalog(conn, writes)
         added: list[RowChange] = []
-        insert = "INSERT INTO records (run, kind, n, size, body) VALUES (?, ?, ?, ?, ?)"
+        insert = "INSERT INTO records (run, kind, n, size, body, source, at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+        now = time.time()
         for record, body in encoded:
             size = len(body) + ROW_OVERHEAD
-            conn.execute(insert, (record.run, int(record.kind), record.count, size, body))
-            added.append(RowChange(record.run, record.kind, record.count, size))
+            conn.execute(insert, (record.run, int(record.kind), record.count, size, body, source, now))
+            added.append(RowChange(record.run, record.kind, record.count, size, SOURCES[source]))
         self._bytes += incoming
+        if self.oldest_at is None or evicted:
+            self._note_oldest(conn)
         return AppendResult(added=added, evicted=evicted)
 
     def _evict_metrics(self, conn: sqlite3.Connection, need: int) -> list[RowChange]:
         """Drop the oldest metric rows until ``need`` bytes are free (the drop_oldest policy)."""
         evicted: list[RowChange] = []
         freed = 0
+        after = 0
+        with self._in_flight_lock:
+            busy = set(self._in_flight)
         while freed < need:
             rows = conn.execute(
-                "SELECT seq, run, n, done, size FROM records WHERE kind = ? ORDER BY seq LIMIT 256",
-                (int(Kind.METRICS),),
+                "SELECT seq, run, n, done, size, source FROM records WHERE kind = ? AND seq > ? ORDER BY seq LIMIT 256",
+                (int(Kind.METRICS), after),
             ).fetchall()
             if not rows:
                 break
+            after = rows[-1][0]
             victims = []
-            for seq, run, n, done, size in rows:
+            for seq, run, n, done, size, source in rows:
+                if seq in busy:
+                    continue
                 victims.append((seq,))
-                evicted.append(RowChange(run, Kind.METRICS, n - done, size))
+                evicted.append(RowChange(run, Kind.METRICS, n - done, size, self._label(seq, source)))
                 freed += size
                 if freed >= need:
                     break
@@ -499,7 +598,7 @@ class Spool:
         dead_by_seq: dict[int, int] = {}
         now = time.time()
         for letter in dead:
-            row = conn.execute("SELECT run, kind FROM records WHERE seq = ?", (letter.row_seq,)).fetchone()
+            row = conn.execute("SELECT run, kind, source FROM records WHERE seq = ?", (letter.row_seq,)).fetchone()
             if row is None:
                 continue  # the row was evicted meanwhile; its items were counted as dropped
             conn.execute(
@@ -509,24 +608,30 @@ class Spool:
                  letter.error_code, letter.message, now),
             )
             dead_by_seq[letter.row_seq] = dead_by_seq.get(letter.row_seq, 0) + letter.count
-            result.dead.append(RowChange(row[0], Kind(row[1]), letter.count, 0))
+            result.dead.append(RowChange(row[0], Kind(row[1]), letter.count, 0, self._label(letter.row_seq, row[2])))
         for seq, new_done in progress.items():
-            row = conn.execute("SELECT run, kind, n, done, size FROM records WHERE seq = ?", (seq,)).fetchone()
+            row = conn.execute("SELECT run, kind, n, done, size, source, at FROM records WHERE seq = ?",
+                               (seq,)).fetchone()
             if row is None:
                 continue  # evicted meanwhile (already counted as dropped)
-            run, kind, n, done, size = row
+            run, kind, n, done, size, source, at = row
+            label = self._label(seq, source)
             moved = min(new_done, n) - done
             moved = max(moved, 0)
             delivered = moved - dead_by_seq.get(seq, 0)
             if delivered > 0:
-                result.delivered.append(RowChange(run, Kind(kind), delivered, 0))
+                result.delivered.append(RowChange(run, Kind(kind), delivered, 0, label))
             if new_done >= n:
                 conn.execute("DELETE FROM records WHERE seq = ?", (seq,))
                 self._bytes -= size
-                result.freed.append(RowChange(run, Kind(kind), 0, size))
+                result.freed.append(RowChange(run, Kind(kind), 0, size, label))
+                if delivered > 0:
+                    result.delivery_seconds.append(max(now - at, 0.0))
             elif moved > 0:
                 conn.execute("UPDATE records SET done = ? WHERE seq = ?", (new_done, seq))
         _apply_catalog(conn, writes)
+        if result.freed:
+            self._note_oldest(conn)
         return result
 
     def _dead_letter_run(
@@ -535,9 +640,10 @@ class Spool:
         result = AckResult(delivered=[], dead=[], freed=[])
         now = time.time()
         rows = conn.execute(
-            "SELECT seq, kind, n, done, size, body FROM records WHERE run = ? ORDER BY seq", (run,)
+            "SELECT seq, kind, n, done, size, body, source FROM records WHERE run = ? ORDER BY seq", (run,)
         ).fetchall()
-        for seq, kind, n, done, size, body in rows:
+        for seq, kind, n, done, size, body, source in rows:
+            label = self._label(seq, source)
             conn.execute(
                 "INSERT INTO dead_letters (run, kind, n, body, status, error_code, message, at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -545,8 +651,9 @@ class Spool:
             )
             conn.execute("DELETE FROM records WHERE seq = ?", (seq,))
             self._bytes -= size
-            result.dead.append(RowChange(run, Kind(kind), n - done, 0))
-            result.freed.append(RowChange(run, Kind(kind), 0, size))
+            result.dead.append(RowChange(run, Kind(kind), n - done, 0, label))
+            result.freed.append(RowChange(run, Kind(kind), 0, size, label))
+        self._note_oldest(conn)
         return result
 
 

@@ -21,9 +21,11 @@ from tenacity import (
 )
 from tenacity.stop import StopBaseT
 
+from agent.logs import RateLimiter
 from agent.ops.metrics import AgentMetrics
 from agent.upstream.rest import AuthError, TransientError, UpstreamError
 
+_RETRY_LOGS = RateLimiter()
 log = logging.getLogger("agent.upload")
 
 T = TypeVar("T")
@@ -90,5 +92,9 @@ class RetryPolicy:
             reason = "network"
         self._metrics.upload_retries.labels(reason=reason).inc()
         sleep = state.next_action.sleep if state.next_action is not None else 0.0
-        level = logging.INFO if state.attempt_number <= 3 else logging.DEBUG
-        log.log(level, "%s failed (attempt %d, retry in %.1fs): %s", what, state.attempt_number, sleep, exc)
+        # During an outage every run's worker retries: one line per reason every 10 s says it all (the
+        # line counts the ones held back); the rest go to debug.
+        message = "%s failed (attempt %d, retry in %.1fs): %s"
+        args = (what, state.attempt_number, sleep, exc)
+        if not _RETRY_LOGS.log(log, ("retry", reason), 10.0, message, *args, level=logging.INFO):
+            log.debug(message, *args)

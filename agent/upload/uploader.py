@@ -228,16 +228,18 @@ class Uploader:
         if upstream is None:
             return
         dead: list[DeadLetter] = []
-        translated = await self._translate(self._within_param_cap(run, batch, dead))
-        try:
-            await self._deliver(run, upstream, translated, dead)
-        except PermanentError as exc:  # the run itself is refused
-            await self._dead_letter_run(run, exc.status, exc.error_code, exc.message)
-            return
-        except UpstreamError as exc:  # retry deadline exceeded
-            await self._dead_letter_run(run, exc.status, exc.error_code, f"gave up retrying: {exc.message}")
-            return
-        self.ledger.acked(await self.spool.ack(batch.progress(), dead=dead))
+        progress = batch.progress()
+        with self.spool.in_flight(progress):  # drop_oldest must not evict what may already be upstream
+            translated = await self._translate(self._within_param_cap(run, batch, dead))
+            try:
+                await self._deliver(run, upstream, translated, dead)
+            except PermanentError as exc:  # the run itself is refused
+                await self._dead_letter_run(run, exc.status, exc.error_code, exc.message)
+                return
+            except UpstreamError as exc:  # retry deadline exceeded
+                await self._dead_letter_run(run, exc.status, exc.error_code, f"gave up retrying: {exc.message}")
+                return
+            self.ledger.acked(await self.spool.ack(progress, dead=dead))
         self._params_sent[run] = self._params_sent.get(run, 0) + sum(
             1 for p in translated.pieces if p.kind is Kind.PARAMS and p.send)
         if dead:
@@ -280,6 +282,7 @@ class Uploader:
             return
         try:
             await self._call(f"log-batch for run {run}", "POST", "runs/log-batch", batch.body(upstream))
+            self.rest.metrics.upload_batch_records.observe(batch.sent_count)
         except PermanentError as exc:
             if _run_refused(exc):
                 raise

@@ -30,7 +30,7 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 import orjson
 
-from agent.upstream.renewing import CredentialError, Token, TokenSource, jwt_expiry
+from agent.upstream.renewing import CredentialError, Token, TokenSource, jwt_expiry, mask_tokens
 from agent.upstream.static import tls_from_env
 
 if TYPE_CHECKING:
@@ -46,7 +46,6 @@ IDENTITY_TIMEOUT = 60.0  # one azure-identity get_token (the CLI alone may take 
 ENV_TOKEN_MIN_VALIDITY = 600.0  # the job's own token is used at start only if valid for longer than this
 _MAX_BODY = 256 * 1024  # a run-token answer or an error envelope
 _MAX_DETAIL = 400
-_JWT_LIKE = re.compile(r"\beyJ[\w-]{4,}\.[\w-]{4,}\.[\w-]*")
 _TROUBLESHOOT = re.compile(r"\s*See the troubleshooting guide for more information: https://\S+")
 _VERSIONS = ("v1.0", "v2.0")
 _EXAMPLE = ("azureml://<region>.api.azureml.ms/mlflow/v2.0/subscriptions/<sub>/resourceGroups/<rg>"
@@ -57,8 +56,9 @@ _EXAMPLE = ("azureml://<region>.api.azureml.ms/mlflow/v2.0/subscriptions/<sub>/r
 
 
 @dataclass(frozen=True, slots=True)
-class AzureWorkspace:
-    host: str  # the regional (or private-link) API host, with ":port" when the URI gave one
+class WorkspaceRef:
+    """A workspace by its ARM names (what a config.json holds), before its regional host is known."""
+
     subscription_id: str
     resource_group: str
     workspace_name: str
@@ -68,6 +68,14 @@ class AzureWorkspace:
         """``/subscriptions/<sub>/resourceGroups/<rg>/providers/Microsoft.MachineLearningServices/workspaces/<ws>``."""
         return (f"/subscriptions/{self.subscription_id}/resourceGroups/{self.resource_group}"
                 f"/providers/{PROVIDER}/workspaces/{self.workspace_name}")
+
+    def at(self, host: str) -> AzureWorkspace:
+        return AzureWorkspace(self.subscription_id, self.resource_group, self.workspace_name, host)
+
+
+@dataclass(frozen=True, slots=True)
+class AzureWorkspace(WorkspaceRef):
+    host: str  # the regional (or private-link) API host, with ":port" when the URI gave one
 
     @property
     def base_url(self) -> str:
@@ -159,7 +167,7 @@ def _scrub(text: str, *secrets: str, limit: int = _MAX_DETAIL) -> str:
     for secret in secrets:
         if secret:
             text = text.replace(secret, "***")
-    text = _JWT_LIKE.sub("***", " ".join(text.split()))
+    text = mask_tokens(" ".join(text.split()))
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -370,16 +378,14 @@ def in_azureml_job(env: Mapping[str, str]) -> bool:
                                                                         env.get("MLFLOW_RUN_ID")))
 
 
-def azure_source(workspace: AzureWorkspace, env: Mapping[str, str]) -> TokenSource:
-    """The job's run token inside an Azure ML job, azure-identity everywhere else."""
-    if in_azureml_job(env):
-        return AzureMLRunTokenSource(workspace, env)
-    return AzureIdentitySource()
+def azure_token_source(env: Mapping[str, str], *, job_workspace: AzureWorkspace | None = None,
+                       credential: str = "default", arm_endpoint: str = "https://management.azure.com") -> TokenSource:
+    """The job's run token when ``job_workspace`` is given and ``env`` is an Azure ML job's; otherwise
+    azure-identity (``credential="default"``) or azureml-core in a helper process, for ARM's scope."""
+    if job_workspace is not None and in_azureml_job(env):
+        return AzureMLRunTokenSource(job_workspace, env)
+    if credential == "azureml-core":
+        from agent.upstream.azureml_core import AzureMLCoreSource
 
-
-def check_azureml_upstream(uri: str, env: Mapping[str, str]) -> AzureWorkspace:
-    """For configuration checks: the workspace, or ValueError (bad URI, or azure-identity missing when needed)."""
-    workspace = parse_azureml_uri(uri)
-    if not in_azureml_job(env):
-        require_azure_identity()
-    return workspace
+        return AzureMLCoreSource(arm_endpoint=arm_endpoint)
+    return AzureIdentitySource(scope=f"{arm_endpoint.rstrip('/')}/.default")

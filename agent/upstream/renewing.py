@@ -15,6 +15,7 @@ import binascii
 import contextlib
 import json
 import logging
+import re
 import ssl
 import time
 from collections.abc import Callable
@@ -53,6 +54,17 @@ class TokenSource(Protocol):
     def changed(self) -> bool:
         """Cheap check whether the source holds a new token (a rewritten file); False if unknown."""
         ...
+
+
+_JWT_LIKE = re.compile(r"\beyJ[\w-]{4,}\.[\w-]{4,}\.[\w-]*")
+# Opaque tokens have no shape to recognise; 40+ characters of a token's alphabet is the best guess
+# (GUIDs, 36 characters, stay readable: correlation ids are worth keeping).
+_OPAQUE_LIKE = re.compile(r"[A-Za-z0-9._~+/=-]{40,}")
+
+
+def mask_tokens(text: str) -> str:
+    """Error text from a token source, with anything shaped like a token replaced by ``***``."""
+    return _OPAQUE_LIKE.sub("***", _JWT_LIKE.sub("***", text))
 
 
 def renew_at(token: Token) -> float | None:

@@ -6,6 +6,7 @@ permanent (dead-letter).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import email.utils
 import logging
@@ -21,6 +22,8 @@ from agent import __version__
 from agent.ops.metrics import AgentMetrics
 from agent.upstream.base import UpstreamProvider
 
+# Looked up (never created) to see whether the upstream answers; a 404 is the expected answer.
+PROBE_EXPERIMENT = "mlflow-agent-reachability-probe"
 log = logging.getLogger("agent.upstream")
 
 API = "/api/2.0/mlflow/"
@@ -113,8 +116,10 @@ class UpstreamHealth:
         self.up: bool | None = None  # None: not asked yet
         self.changed_at = time.monotonic()
         self.last_error: str | None = None
+        self.last_seen: float | None = None  # monotonic time of the last answer or failure; None = never asked
 
     def answered(self) -> None:
+        self.last_seen = time.monotonic()
         if self.up is not True:
             if self.up is False:
                 log.info("upstream is reachable again")
@@ -124,6 +129,7 @@ class UpstreamHealth:
         self.last_error = None
 
     def failed(self, error: str) -> None:
+        self.last_seen = time.monotonic()
         if self.up is not False:
             log.warning("upstream unreachable: %s", error)
             self.up = False
@@ -142,7 +148,7 @@ class MlflowRest:
     def __init__(self, provider: UpstreamProvider, metrics: AgentMetrics, *, request_timeout: float) -> None:
         self.provider = provider
         self.health = UpstreamHealth(metrics)
-        self._metrics = metrics
+        self._metrics = self.metrics = metrics
         self._timeout = request_timeout
         self._session: aiohttp.ClientSession | None = None
 
@@ -161,6 +167,13 @@ class MlflowRest:
             await self._session.close()
             self._session = None
         await self.provider.stop()
+
+    async def probe(self, timeout: float) -> None:
+        """One cheap read, so that ``upstream_up`` is true for an idle agent too: any HTTP answer (a 404
+        included) means reachable. Errors only update the health; nothing is raised."""
+        with contextlib.suppress(UpstreamError):
+            await self.call("GET", "experiments/get-by-name", params={"experiment_name": PROBE_EXPERIMENT},
+                            timeout=timeout)
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -192,6 +205,7 @@ class MlflowRest:
             data = orjson.dumps(body)
             headers["Content-Type"] = "application/json"
         limit = aiohttp.ClientTimeout(total=timeout or self._timeout, sock_connect=min(10.0, timeout or 10.0))
+        started = time.monotonic()
         try:
             async with self.session.request(method, url, data=data, params=params, headers=headers,
                                             timeout=limit, allow_redirects=False) as resp:
@@ -199,10 +213,12 @@ class MlflowRest:
                 status = resp.status
                 resp_headers = resp.headers
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            self._metrics.upstream_latency.labels(endpoint=endpoint).observe(time.monotonic() - started)
             reason = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
             self.health.failed(reason)
             self._metrics.upstream_requests.labels(endpoint=endpoint, result="network_error").inc()
             raise TransientError(f"{method} {endpoint}: {reason}") from exc
+        self._metrics.upstream_latency.labels(endpoint=endpoint).observe(time.monotonic() - started)
         if status == 200:
             self.health.answered()
             self._metrics.upstream_requests.labels(endpoint=endpoint, result="ok").inc()

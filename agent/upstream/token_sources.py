@@ -17,10 +17,12 @@ import contextlib
 import json
 import os
 import shlex
+import signal
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from agent.upstream.renewing import CredentialError, Token, jwt_expiry
+from agent.upstream.renewing import CredentialError, Token, jwt_expiry, mask_tokens
 
 COMMAND_TIMEOUT = 30.0
 _MAX_TOKEN_BYTES = 64 * 1024
@@ -60,31 +62,40 @@ class TokenFileSource:
 class TokenCommandSource:
     name = "token_command"
 
-    def __init__(self, command: str) -> None:
-        self.argv = shlex.split(command)
+    def __init__(self, command: str | Sequence[str], *, timeout: float = COMMAND_TIMEOUT,
+                 name: str | None = None, env: Mapping[str, str] | None = None) -> None:
+        self.env = dict(env) if env is not None else None  # None: the agent's own environment
+        self.argv = shlex.split(command) if isinstance(command, str) else list(command)
         if not self.argv:
             raise ValueError("token command is empty")
+        self.timeout = timeout
+        self.what = f"token command {self.argv[0]!r}"
+        if name is not None:
+            self.name = name
 
     def changed(self) -> bool:
         return False
 
     async def fetch(self) -> Token:
         try:
+            # Its own session: no controlling terminal to prompt on, and a timeout kills the whole group.
             proc = await asyncio.create_subprocess_exec(
                 *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE)
+                stderr=asyncio.subprocess.PIPE, start_new_session=True, env=self.env)
         except OSError as exc:
-            raise CredentialError(f"token command {self.argv[0]!r} cannot start: {exc.strerror or exc}") from None
+            raise CredentialError(f"{self.what} cannot start: {exc.strerror or exc}") from None
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), COMMAND_TIMEOUT)
-        except asyncio.TimeoutError:
+            out, err = await asyncio.wait_for(proc.communicate(), self.timeout)
+        except BaseException as exc:  # a timeout, or the agent stopping: never leave the helper behind
             with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
-            raise CredentialError(f"token command {self.argv[0]!r} did not finish in {COMMAND_TIMEOUT:.0f}s") from None
+            if isinstance(exc, asyncio.TimeoutError):
+                raise CredentialError(f"{self.what} did not finish in {self.timeout:g}s") from None
+            raise
         if proc.returncode != 0:
             detail = err.decode(errors="replace").strip().splitlines()[-1:] or [""]
-            raise CredentialError(f"token command {self.argv[0]!r} exited {proc.returncode}: {detail[0][:200]}")
+            raise CredentialError(f"{self.what} exited {proc.returncode}: {mask_tokens(detail[0])[:200]}")
         return parse_command_output(out[:_MAX_TOKEN_BYTES], now=time.time())
 
 

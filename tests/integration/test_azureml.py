@@ -14,163 +14,42 @@ After every test no token the gateway minted (nor the identity header) may appea
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import requests
 
 from tests.conftest import AgentFactory
+from tests.integration.azure_helpers import (
+    AGENT_ARGS,
+    DRAIN_TIMEOUT,
+    REFRESHES,
+    SCRIPT,
+    SCRIPT_TIMEOUT,
+    GatewayFactory,
+    assert_no_secrets,
+    auth_failures,
+    check_run,
+    check_upstream,
+    identity_env,
+    refresh_samples,
+    report,
+)
 from tests.integration.helpers import (
-    PARENT_TAG,
     all_runs,
     assert_accounting,
-    expected_rows,
     finish_script,
     match_client_runs,
     read_json,
     run_script,
     start_script,
 )
-from tests.support.agent_process import AgentProcess
-from tests.support.azure_gateway import AzureGateway, token_fingerprint
 from tests.support.mlflow_server import MlflowServer
 from tests.support.processes import stop_process, wait_until
-from tests.support.snapshot import duplicate_rows, is_user_tag, metric_rows
+from tests.support.snapshot import duplicate_rows, metric_rows
 
 pytestmark = pytest.mark.integration
-
-SCRIPT = "azure_train.py"
-REFRESHES = "mlflow_agent_credential_refreshes_total"
-AGENT_ARGS = (
-    "--retry-initial-backoff", "100ms",
-    "--retry-max-backoff", "1s",
-    "--request-timeout", "5s",
-    "--create-run-timeout", "1s",
-    "--upload-linger", "50ms",
-    "--drain-timeout", "5s",
-    "--log-level", "debug",  # after AgentProcess's own --log-level: the most a log could leak
-)  # fmt: skip
-SCRIPT_TIMEOUT = 180.0
-DRAIN_TIMEOUT = 90.0
-# Nothing of the machine's own Azure or job configuration may reach the agent.
-_INHERITED_PREFIXES = ("AZURE_", "AZUREML_", "IDENTITY_", "MSI_", "IMDS_", "MLFLOW_AGENT_")
-_INHERITED_NAMES = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME",
-                    "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_INSECURE_TLS",
-                    "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
-
-GatewayFactory = Callable[..., AzureGateway]
-
-
-@pytest.fixture
-def no_tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Strip Azure/job variables from what child processes inherit; return an empty directory to use as
-    the agent's PATH (no az, azd or pwsh for DefaultAzureCredential to fall back on)."""
-    for name in list(os.environ):
-        if name.startswith(_INHERITED_PREFIXES) or name in _INHERITED_NAMES:
-            monkeypatch.delenv(name)
-    empty = tmp_path / "no-tools"
-    empty.mkdir()
-    return empty
-
-
-@pytest.fixture
-def make_gateway(tmp_path: Path, mlflow_server: MlflowServer, no_tools: Path) -> Iterator[GatewayFactory]:
-    """``make_gateway(**opts) -> AzureGateway`` (started) in front of the session MLflow server."""
-    gateways: list[AzureGateway] = []
-
-    def make(**opts: Any) -> AzureGateway:
-        gateway = AzureGateway(mlflow_server, tmp_path / f"azure-gateway-{len(gateways)}", start=False, **opts)
-        gateways.append(gateway)
-        return gateway.start()
-
-    try:
-        yield make
-    finally:
-        for gateway in reversed(gateways):
-            gateway.close()
-
-
-def identity_env(gateway: AzureGateway, no_tools: Path) -> dict[str, str]:
-    return {**gateway.agent_env(), "PATH": str(no_tools)}
-
-
-# -- checks ------------------------------------------------------------------------------------------------------
-
-
-def check_upstream(url: str, experiment: str, out: dict[str, Any]) -> None:
-    """The server holds exactly the runs the script logged: names, parent link, params, user tags,
-    FINISHED, and every metric row once."""
-    logged_runs: dict[str, dict[str, Any]] = out["runs"]
-    runs = all_runs(url, experiment)
-    assert len(runs) == len(logged_runs), [(r.info.run_id, r.info.run_name) for r in runs]
-    upstream = match_client_runs(runs, {label: r["run_id"] for label, r in logged_runs.items()})
-    for label, logged in logged_runs.items():
-        check_run(url, upstream[label].info.run_id, logged, label)
-    if "child" in upstream:
-        assert upstream["parent"].data.tags.get(PARENT_TAG) is None
-        assert upstream["child"].data.tags.get(PARENT_TAG) == upstream["parent"].info.run_id
-
-
-def check_run(url: str, run_id: str, logged: dict[str, Any], label: str, *,
-              extra_params: dict[str, str] | None = None, extra_tags: dict[str, str] | None = None) -> None:
-    from mlflow.tracking import MlflowClient
-
-    run = MlflowClient(tracking_uri=url).get_run(run_id)
-    assert run.info.run_name == logged["name"], label
-    assert run.info.status == "FINISHED", (label, run.info.status)
-    assert run.data.params == {**logged["params"], **(extra_params or {})}, label
-    assert {k: v for k, v in run.data.tags.items() if is_user_tag(k)} == {**logged["tags"], **(extra_tags or {})}
-    expected = expected_rows(logged["metrics"])
-    assert sorted(run.data.metrics) == sorted(expected), label
-    for key, rows in expected.items():
-        stored = metric_rows(url, run_id, key)
-        assert duplicate_rows(stored) == {}, f"{label}/{key}: rows stored twice"
-        assert stored == rows, f"{label}/{key}: {len(stored)} rows upstream, {len(rows)} logged"
-
-
-def refresh_samples(agent: AgentProcess) -> dict[str, float]:
-    return {k: v for k, v in agent.metrics().items() if k.startswith(REFRESHES)}
-
-
-def assert_no_secrets(agent: AgentProcess, gateway: AzureGateway, *, min_tokens: int) -> None:
-    """No token the gateway minted (nor its signature, nor its claims segment) and not the identity
-    header appear in the agent's logs, /metrics, /status, /readyz or spool files."""
-    tokens = gateway.minted_tokens()
-    assert len(tokens) >= min_tokens, f"only {len(tokens)} tokens minted: the check would prove little"
-    places: dict[str, str] = {}
-    for path in agent.log_paths:
-        places[f"log {path.name}"] = path.read_text(errors="replace")
-    for endpoint in ("/metrics", "/status", "/readyz"):
-        places[endpoint] = agent.get(endpoint).text
-    for path in sorted(agent.spool_dir.rglob("*")):
-        if path.is_file():
-            places[f"spool {path.relative_to(agent.spool_dir)}"] = path.read_bytes().decode("latin-1")
-    leaks: list[str] = []
-    for token in tokens:
-        _header, claims, signature = token.split(".")
-        for needle in (token, claims, signature):
-            where = [name for name, text in places.items() if needle in text]
-            if where:
-                leaks.append(f"token {token_fingerprint(token)} ({len(needle)} chars of it) in {where}")
-                break
-    where = [name for name, text in places.items() if gateway.identity_header in text]
-    if where:
-        leaks.append(f"the identity header in {where}")
-    assert not leaks, "secrets leaked:\n  " + "\n  ".join(leaks)
-
-
-def _report(label: str, capsys: pytest.CaptureFixture[str], **facts: Any) -> None:
-    with capsys.disabled():
-        print(f"\n[{label}] " + "; ".join(f"{k}: {v}" for k, v in facts.items()))
-
-
-def _auth_failures(stats: dict[str, Any]) -> dict[str, int]:
-    """401s the agent caused by sending no token or a token the gateway never minted."""
-    return {k: stats["unauthorized"][k] for k in ("missing", "malformed", "bad_signature")}
 
 
 # -- Azure's limits ----------------------------------------------------------------------------------------------------
@@ -212,7 +91,7 @@ def test_azure_limits_250_values_per_key_200_params_history_pages_logged_models(
     upstream = match_client_runs(all_runs(mlflow_server.url, experiment_name), {"limits": run_id})["limits"]
     stored = metric_rows(mlflow_server.url, upstream.info.run_id, "loss")
     letters = status["dead_letters"]
-    _report("limits", capsys, log_batches=stats["forwarded_by_endpoint"].get("runs/log-batch"),
+    report("limits", capsys, log_batches=stats["forwarded_by_endpoint"].get("runs/log-batch"),
             limit_refusals=stats["limit_refusals"], dead_letters=letters["total"],
             dead_letter_sample=letters["recent"][:1], logged_models=not_found.status_code)
 
@@ -291,7 +170,7 @@ def test_inside_a_job_the_run_token_is_renewed_through_run_history(
     stats = gateway.stats()
     refreshes = refresh_samples(agent)
     out = read_json(out_path)
-    _report("job run token", capsys, steps=out["steps"], history=stats["history"], identity=stats["identity"],
+    report("job run token", capsys, steps=out["steps"], history=stats["history"], identity=stats["identity"],
             minted=stats["minted_by_kind"], refreshes=refreshes, unauthorized=stats["unauthorized"])
 
     assert out["runs"]["parent"]["run_id"] == job_run, "the script did not log to the job's run"
@@ -300,7 +179,7 @@ def test_inside_a_job_the_run_token_is_renewed_through_run_history(
     assert stats["identity"]["requests"] == 0, "the identity endpoint was used inside a job"
     assert agent.metric_sum(REFRESHES, source="azureml_run_token", result="ok") >= 3, refreshes
     assert agent.metric_sum(REFRESHES, result="error") == 0, refreshes
-    assert _auth_failures(stats) == dict.fromkeys(("missing", "malformed", "bad_signature"), 0), stats
+    assert auth_failures(stats) == dict.fromkeys(("missing", "malformed", "bad_signature"), 0), stats
     assert_accounting(status)
     assert [r.info.run_id for r in all_runs(mlflow_server.url, experiment_name)] == [job_run], "a run was added"
     check_run(mlflow_server.url, job_run, out["runs"]["parent"], "job", extra_tags=job_tags)
@@ -361,7 +240,7 @@ def test_token_service_down_for_30s_pauses_uploads_then_everything_arrives_once(
     resumed = [t for t in forwarded if t > up_at]
     invalid_seen = [t for t, valid, _ in samples if valid is False]
     buffered = [(round(t - down_at, 1), n) for t, _, n in samples if t >= paused_from]
-    _report("token service down", capsys, outage=f"{up_at - down_at:.1f}s",
+    report("token service down", capsys, outage=f"{up_at - down_at:.1f}s",
             last_token_expired_after=f"{last_exp - down_at:.1f}s",
             first_upload_after_recovery=f"{resumed[0] - up_at:.1f}s" if resumed else None,
             drained_after_recovery=f"{drained_at - up_at:.1f}s", buffered_while_paused=buffered[::6],
@@ -380,7 +259,7 @@ def test_token_service_down_for_30s_pauses_uploads_then_everything_arrives_once(
     assert any(m["time"] > up_at for m in minted), "no token was fetched after the outage"
     assert_accounting(status)
     check_upstream(mlflow_server.url, experiment_name, read_json(out_path))
-    assert _auth_failures(stats) == dict.fromkeys(("missing", "malformed", "bad_signature"), 0), stats
+    assert auth_failures(stats) == dict.fromkeys(("missing", "malformed", "bad_signature"), 0), stats
     assert_no_secrets(agent, gateway, min_tokens=3)
 
 
@@ -413,13 +292,13 @@ def test_a_minute_of_training_with_tokens_expiring_every_5s(
     stats = gateway.stats()
     out = read_json(out_path)
     minted = stats["minted_by_kind"].get("identity", 0)
-    _report("tokens every 5 s", capsys, script=f"{wall:.1f}s", steps=out["steps"], reads=out["reads"],
+    report("tokens every 5 s", capsys, script=f"{wall:.1f}s", steps=out["steps"], reads=out["reads"],
             slowest=out["slowest"], minted=minted, refreshes=refreshes, gateway=stats)
 
     assert_accounting(status)
     check_upstream(mlflow_server.url, experiment_name, out)
     assert out["reads"] >= 10, out["reads"]
-    assert _auth_failures(stats) == dict.fromkeys(("missing", "malformed", "bad_signature"), 0), stats
+    assert auth_failures(stats) == dict.fromkeys(("missing", "malformed", "bad_signature"), 0), stats
     assert stats["limit_refusals_total"] == 0, stats["limit_refusals"]
     assert stats["throttled"] > 0, "no 429 was injected: that part proved nothing"
     assert stats["identity"]["bad_header"] == 0, stats["identity"]

@@ -20,6 +20,7 @@ from tests.integration.helpers_faults import (
     Training,
     assert_delivered_exactly_once,
     find_events,
+    run_cli,
 )
 from tests.support.agent_process import AgentProcess
 from tests.support.mlflow_server import MlflowServer
@@ -52,32 +53,11 @@ def _truncated(spool: Path, agent_factory: AgentFactory) -> Callable[[Path], Non
     return lambda moved: _assert_bytes(moved, content)
 
 
-def _future_schema(spool: Path, agent_factory: AgentFactory) -> Callable[[Path], None]:
-    """A well-formed SQLite file of a schema version this agent does not know (a newer agent's)."""
-    del agent_factory
-    conn = sqlite3.connect(spool / "spool.db")
-    conn.execute("CREATE TABLE records (seq INTEGER PRIMARY KEY, body BLOB)")
-    conn.execute("INSERT INTO records (body) VALUES (x'0102')")
-    conn.execute("PRAGMA user_version = 999")
-    conn.commit()
-    conn.close()
-
-    def check(moved: Path) -> None:
-        kept = sqlite3.connect(f"file:{moved}?mode=ro", uri=True)
-        try:
-            assert kept.execute("SELECT body FROM records").fetchall() == [(b"\x01\x02",)]
-            assert kept.execute("PRAGMA user_version").fetchone() == (999,)
-        finally:
-            kept.close()
-
-    return check
-
-
 def _assert_bytes(moved: Path, expected: bytes) -> None:
     assert moved.read_bytes() == expected, f"{moved} is not the unreadable file byte for byte"
 
 
-DAMAGES: dict[str, Damage] = {"garbage": _garbage, "truncated": _truncated, "future_schema": _future_schema}
+DAMAGES: dict[str, Damage] = {"garbage": _garbage, "truncated": _truncated}
 
 
 def _spool_dir(tmp_path: Path) -> Path:
@@ -151,3 +131,26 @@ def test_after_quarantine_new_data_is_accepted_and_uploaded(
     assert_delivered_exactly_once(mlflow_server.url, experiment_name, acked)
     assert agent.metric_sum("mlflow_agent_records_uploaded_total", kind="metric") == acked.metric_count
     _assert_private(spool)
+
+
+def test_a_newer_agents_spool_stops_the_start_and_is_left_as_it_is(tmp_path: Path) -> None:
+    """After a downgrade: the older agent must neither move a newer agent's spool aside (its records are
+    not uploaded yet) nor change it; it refuses to start, saying why, and `sync` and `status` do the same."""
+    spool = _spool_dir(tmp_path)
+    conn = sqlite3.connect(spool / "spool.db")
+    conn.execute("CREATE TABLE records (seq INTEGER PRIMARY KEY, body BLOB)")
+    conn.execute("INSERT INTO records (body) VALUES (x'0102')")
+    conn.execute("PRAGMA user_version = 999")
+    conn.commit()
+    conn.close()
+    before = {p.name: p.read_bytes() for p in spool.iterdir()}
+    for args in (("run", "--upstream", "none", "--http", "127.0.0.1:0", "--udp", "none"),
+                 ("sync", "--upstream", "http://127.0.0.1:9"),
+                 ("status",)):
+        done = run_cli(*args, "--spool-dir", str(spool), timeout=60)
+        assert done.returncode in (1, 2), (args, done.returncode, done.stdout, done.stderr)
+        assert "schema version 999, written by a newer mlflow-agent" in done.stderr, (args, done.stderr)
+        assert "ask it instead" not in done.stderr  # that hint is for a spool another agent holds
+        after = {p.name: p.read_bytes() for p in spool.iterdir() if p.name != "lock"}
+        assert after == {k: v for k, v in before.items() if k != "lock"}, args
+        assert _quarantined_files(spool) == []

@@ -39,7 +39,7 @@ def test_appended_records_are_counted_and_announced() -> None:
         RowChange("b", Kind.TAGS, 1, 50),
         RowChange("b", Kind.DELETE_TAG, 1, 50),
         RowChange("a", Kind.CREATE_RUN, 1, 70),
-    ], evicted=[]), "http")
+    ], evicted=[]))
     assert sorted(woken) == ["a", "b"]  # each run once
     assert sorted(ledger.runs()) == ["a", "b"]
     assert ledger.run_items("a") == 6
@@ -62,13 +62,14 @@ def test_appended_records_are_counted_and_announced() -> None:
 def test_evicted_rows_are_dropped_for_spool_full() -> None:
     metrics = AgentMetrics()
     ledger = Ledger(metrics)
-    ledger.appended(AppendResult(added=[RowChange("a", Kind.METRICS, 5, 200)], evicted=[]), "http")
-    ledger.appended(AppendResult(added=[RowChange("b", Kind.METRICS, 1, 80)],
-                                 evicted=[RowChange("a", Kind.METRICS, 5, 200)]), "proxy")
+    ledger.appended(AppendResult(added=[RowChange("a", Kind.METRICS, 5, 200)], evicted=[]))
+    ledger.appended(AppendResult(added=[RowChange("b", Kind.METRICS, 1, 80, "udp")],
+                                 evicted=[RowChange("a", Kind.METRICS, 5, 200)]))
     assert ledger.runs() == ["b"]
     assert ledger.bytes == 80
-    assert sample(metrics, "mlflow_agent_records_dropped_total", kind="metric", reason="spool_full") == 5
-    assert sample(metrics, "mlflow_agent_records_received_total", kind="metric", source="proxy") == 1
+    assert sample(metrics, "mlflow_agent_records_dropped_total", kind="metric", source="http",
+                  reason="spool_full") == 5
+    assert sample(metrics, "mlflow_agent_records_received_total", kind="metric", source="udp") == 1
     assert sample(metrics, "mlflow_agent_buffered_records", kind="metric") == 1
     assert sample(metrics, "mlflow_agent_buffered_bytes") == 80
     assert_conserved(metrics)
@@ -78,7 +79,7 @@ def test_acked_records_leave_the_buffer() -> None:
     metrics = AgentMetrics()
     ledger = Ledger(metrics)
     ledger.appended(AppendResult(added=[RowChange("a", Kind.METRICS, 4, 100),
-                                        RowChange("a", Kind.UPDATE_RUN, 1, 60)], evicted=[]), "http")
+                                        RowChange("a", Kind.UPDATE_RUN, 1, 60)], evicted=[]))
     ledger.acked(AckResult(delivered=[RowChange("a", Kind.METRICS, 2, 0)], dead=[RowChange("a", Kind.METRICS, 1, 0)],
                            freed=[]))
     assert ledger.run_items("a") == 2
@@ -88,9 +89,9 @@ def test_acked_records_leave_the_buffer() -> None:
     assert ledger.runs() == []
     assert ledger.total_items() == 0
     assert ledger.bytes == 0
-    assert sample(metrics, "mlflow_agent_records_uploaded_total", kind="metric") == 3
-    assert sample(metrics, "mlflow_agent_records_dead_lettered_total", kind="metric") == 1
-    assert sample(metrics, "mlflow_agent_records_dead_lettered_total", kind="run_op") == 1
+    assert sample(metrics, "mlflow_agent_records_uploaded_total", kind="metric", source="http") == 3
+    assert sample(metrics, "mlflow_agent_records_dead_lettered_total", kind="metric", source="http") == 1
+    assert sample(metrics, "mlflow_agent_records_dead_lettered_total", kind="run_op", source="http") == 1
     assert sample(metrics, "mlflow_agent_buffered_records", kind="metric") == 0
     assert sample(metrics, "mlflow_agent_buffered_bytes") == 0
     assert_conserved(metrics)
@@ -108,7 +109,7 @@ def test_loaded_records_count_as_received_from_the_spool() -> None:
     assert ledger.bytes == 440
     assert by_kind(metrics, RECEIVED) == {"metric": 7, "tag": 1, "run_op": 1}
     assert sample(metrics, "mlflow_agent_records_received_total", kind="metric", source="spool") == 7
-    assert sample(metrics, "mlflow_agent_records_received_total", kind="metric", source="http") is None
+    assert sample(metrics, "mlflow_agent_records_received_total", kind="metric", source="http") == 0
     assert_conserved(metrics)
 
 
@@ -157,7 +158,7 @@ def test_any_sequence_of_changes_keeps_the_identity(data: st.DataObject) -> None
             for r, k, n, b in added:
                 held[r, k] += n
                 size[r, k] += b
-            ledger.appended(result, data.draw(st.sampled_from(["http", "proxy"])))
+            ledger.appended(result)
         else:
             key = data.draw(st.sampled_from(keys))
             delivered = data.draw(st.integers(0, held[key]))

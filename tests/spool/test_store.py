@@ -118,6 +118,7 @@ class ModelRow:
     payload: list[Any] | dict[str, Any]
     size: int
     done: int = 0
+    source: str = "http"  # the lifetime's label: "spool" once found at a restart
 
     @property
     def n(self) -> int:
@@ -245,10 +246,10 @@ class SpoolModel(RuleBasedStateMachine):
         event(f"append: evicted {min(len(victims), 2)}+ rows")
         assert isinstance(outcome, store.AppendResult), outcome
         assert outcome.added == [RowChange(r.run, r.kind, r.count, row_size(r)) for r in recs]
-        assert outcome.evicted == [RowChange(v.run, Kind.METRICS, v.pending, v.size) for v in victims]
+        assert outcome.evicted == [RowChange(v.run, Kind.METRICS, v.pending, v.size, v.source) for v in victims]
         assert all(c.kind is Kind.METRICS for c in outcome.evicted)
         self.woken.clear()
-        self.ledger.appended(outcome, "http")
+        self.ledger.appended(outcome)
         assert set(self.woken) == {r.run for r in recs}
         self.apply_append(recs, writes, victims)
 
@@ -262,7 +263,7 @@ class SpoolModel(RuleBasedStateMachine):
             if row is None:
                 continue
             dead_per_seq[letter.row_seq] += letter.count
-            want_dead[RowChange(row.run, row.kind, letter.count, 0)] += 1
+            want_dead[RowChange(row.run, row.kind, letter.count, 0, row.source)] += 1
         want_delivered: Counter[RowChange] = Counter()
         want_freed: Counter[RowChange] = Counter()
         for seq, new_done in progress.items():
@@ -273,14 +274,14 @@ class SpoolModel(RuleBasedStateMachine):
             delivered = moved - dead_per_seq[seq]
             assert delivered >= 0, "the test must only dead-letter items its progress covers"
             if delivered:
-                want_delivered[RowChange(row.run, row.kind, delivered, 0)] += 1
+                want_delivered[RowChange(row.run, row.kind, delivered, 0, row.source)] += 1
             self.uploaded[row.kind.label] += delivered
             self.dead[row.kind.label] += dead_per_seq[seq]
             self.dead_in_db += dead_per_seq[seq]
             row.done = max(row.done, min(new_done, row.n))
             if row.done >= row.n:
                 self.rows.remove(row)
-                want_freed[RowChange(row.run, row.kind, 0, row.size)] += 1
+                want_freed[RowChange(row.run, row.kind, 0, row.size, row.source)] += 1
         assert Counter(result.delivered) == want_delivered
         assert Counter(result.dead) == want_dead
         assert Counter(result.freed) == want_freed
@@ -389,8 +390,8 @@ class SpoolModel(RuleBasedStateMachine):
     def dead_letter_run(self, run: str) -> None:
         result = self.run(self.sp.dead_letter_run(run, 404, "RESOURCE_DOES_NOT_EXIST", "run gone"))
         gone = self.run_rows(run)
-        assert Counter(result.dead) == Counter(RowChange(r.run, r.kind, r.pending, 0) for r in gone)
-        assert Counter(result.freed) == Counter(RowChange(r.run, r.kind, 0, r.size) for r in gone)
+        assert Counter(result.dead) == Counter(RowChange(r.run, r.kind, r.pending, 0, r.source) for r in gone)
+        assert Counter(result.freed) == Counter(RowChange(r.run, r.kind, 0, r.size, r.source) for r in gone)
         assert result.delivered == []
         for r in gone:
             self.rows.remove(r)
@@ -427,6 +428,7 @@ class SpoolModel(RuleBasedStateMachine):
         self.received = Counter()
         for r in self.rows:
             self.received[r.kind.label] += r.pending
+            r.source = "spool"  # this lifetime counts them as found at start
         self.uploaded, self.dead, self.dropped = Counter(), Counter(), Counter()
         assert by_kind(self.metrics, RECEIVED) == {k: float(v) for k, v in self.received.items() if v}
 
@@ -672,19 +674,18 @@ def test_garbage_file_is_quarantined(tmp_path: Path, garbage: bytes) -> None:
     assert [(p.run, p.items) for p in again.pending] == [("r", 2)]
 
 
-async def test_unknown_schema_version_is_quarantined(tmp_path: Path) -> None:
+async def test_a_newer_agents_spool_is_refused_and_left_untouched(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "spool.db")
     conn.execute("CREATE TABLE records (x)")
     conn.execute("PRAGMA user_version = 99")
     conn.commit()
     conn.close()
+    before = (tmp_path / "spool.db").read_bytes()
     spool = Spool(tmp_path, max_bytes=10**6)
-    loaded = await spool.open()
-    await spool.close()
-    assert loaded.quarantined is not None and loaded.quarantined.exists()
-    check = sqlite3.connect(loaded.quarantined)
-    assert check.execute("PRAGMA user_version").fetchone() == (99,)
-    check.close()
+    with pytest.raises(store.SpoolTooNew, match="schema version 99"):
+        await spool.open()
+    assert (tmp_path / "spool.db").read_bytes() == before
+    assert quarantined_contents(tmp_path) == []
 
 
 def quarantined_contents(directory: Path) -> list[bytes]:
@@ -819,7 +820,8 @@ async def test_a_row_with_a_damaged_body_is_handed_over_as_corrupt(tmp_path: Pat
         # what the uploader does with it: dead-letter the whole row
         result = await spool.ack({damaged.seq: damaged.n}, [DeadLetter(damaged.seq, damaged.payload, 2, None, None,
                                                                        "unreadable")])
-        assert result.dead == [RowChange("r", Kind.METRICS, 2, 0)] and result.delivered == []
+        # found at start: counted as the spool's, whatever source it first came from
+        assert result.dead == [RowChange("r", Kind.METRICS, 2, 0, "spool")] and result.delivered == []
         assert [row.seq for row in await spool.read_run("r", 10)] == [params.seq]
     finally:
         await spool.close()

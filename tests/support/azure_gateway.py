@@ -31,23 +31,47 @@ or from a test with :class:`AzureGateway`, which also makes the self-signed cert
   the run-history token renewal an Azure ML job's run token uses. Authenticated like the MLflow calls;
   the run must exist in that experiment on the real server; answers ``{"token", "expiryTimeUtc"}``
   with a fresh token.
+* Azure Resource Manager (``--azure-arm-endpoint https://127.0.0.1:P``):
+  ``GET /subscriptions/<sub>/resourceGroups/<rg>/providers/Microsoft.MachineLearningServices/workspaces/<ws>
+  ?api-version=...``, authenticated like the MLflow calls (the same 401 envelope). For the gateway's own
+  workspace (names compared case-insensitively, as ARM does) it answers 200 ``{"id": <scope>, "name",
+  "type", "location": "eastus", "sku", "properties": {"mlFlowTrackingUri":
+  "azureml://127.0.0.1:P/mlflow/v1.0<scope>", "discoveryUrl": "https://127.0.0.1:P/discovery", ...}}``;
+  another subscription, resource group or workspace gets 404 with ARM's own envelope ``{"error":
+  {"code": "SubscriptionNotFound" | "ResourceGroupNotFound" | "ResourceNotFound", "message"}}``; no
+  ``api-version`` gets 400 ``MissingApiVersionParameter``. With ``arm_down`` ARM answers 503
+  ``ServiceUnavailable`` (``arm_down_mode=503``) or drops the connection without an answer
+  (``arm_down_mode=reset``: the port is shared with the MLflow API, so it cannot refuse connections);
+  with ``arm_omit_tracking_uri`` the answer has no ``mlFlowTrackingUri`` (as older API versions), so
+  a client must follow ``discoveryUrl``.
+* ``GET /discovery`` (no authentication, as the real discovery service): the region's service
+  endpoints ``{"api": "https://127.0.0.1:P", "history", "experimentation", ..., "studio"}``.
 * Control (no authentication): ``GET /__stats`` (counts, below), ``GET``/``POST /__config`` (settings:
-  ``token_ttl``, ``p_429``, ``retry_after``, ``identity_down``, ``identity_down_mode``), ``POST
-  /__mint`` ``{"ttl": s, "kind": k}`` (a token minted by the gateway, as a job would be handed one).
+  ``token_ttl``, ``p_429``, ``retry_after``, ``identity_down``, ``identity_down_mode``, ``arm_down``,
+  ``arm_down_mode``, ``arm_omit_tracking_uri``), ``POST /__mint`` ``{"ttl": s, "kind": k}`` (a token
+  minted by the gateway, as a job would be handed one).
 
 **Plain HTTP on ``--identity-port``**: an App Service style managed-identity endpoint (what
 ``IDENTITY_ENDPOINT`` + ``IDENTITY_HEADER`` point azure-identity at): ``GET /msi/token?resource=...&
 api-version=2019-08-01`` with ``X-IDENTITY-HEADER: <identity header>`` answers ``{"access_token",
 "expires_on": "<unix seconds>", "resource": <as asked>, "token_type": "Bearer", "client_id"}``; tokens
-live ``token_ttl`` seconds. With ``identity_down`` the listener is closed (``identity_down_mode=refuse``:
-connection refused, and connections kept alive are reset) or answers 500 (``identity_down_mode=500``).
+live ``token_ttl`` seconds. The same listener serves the older App Service API (2017-09-01) that
+azureml-core's msrestazure calls when ``MSI_ENDPOINT``, ``MSI_SECRET`` and ``APPSETTING_WEBSITE_SITE_NAME``
+are set (:meth:`AzureGateway.msi_env`): ``GET /msi2017/?resource=...&api-version=2017-09-01[&clientid=...]``
+(``/msi2017`` too) with ``secret: <identity header>`` answers ``{"access_token", "expires_on":
+"MM/DD/YYYY HH:MM:SS +00:00", "resource", "token_type": "Bearer", "client_id": <clientid or the
+system identity's>}``. Both mint tokens of kind ``identity``. With ``identity_down`` the listener is
+closed (``identity_down_mode=refuse``: connection refused, and connections kept alive are reset) or
+answers 500 (``identity_down_mode=500``).
 
 Tokens are HS256 JWTs signed with ``GATEWAY_SECRET`` (as Entra ID and run tokens are JWTs, the agent
 can read their ``exp``); the gateway accepts a token while ``now < exp``. Every token minted is
 appended to ``<state-dir>/minted-tokens.jsonl`` (``{"time", "kind", "exp", "token"}``) before it is
 handed out, so a test knows every secret the agent may have seen; ``<state-dir>/requests.jsonl`` gets
 one line per request (time, method, path, endpoint, outcome, reason, status, the token's expiry and a
-fingerprint; never a token).
+fingerprint, the ``client_id`` asked of the 2017 identity API; never a token). ``/__stats`` also counts
+``arm`` (``requests``, ``served``, ``not_found``, ``unauthorized``, ``bad_request``, ``down``),
+``discovery`` (``requests``) and ``identity_by_api`` (``{"2019-08-01": n, "2017-09-01": n}``).
 """
 
 from __future__ import annotations
@@ -105,6 +129,13 @@ CONFIG_PATH = "/__config"
 MINT_PATH = "/__mint"
 IDENTITY_PATH = "/msi/token"
 IDENTITY_API_VERSION = "2019-08-01"
+IDENTITY_2017_PATH = "/msi2017"  # MSI_ENDPOINT; msrestazure appends "/?resource=..."
+IDENTITY_2017_API_VERSION = "2017-09-01"
+SYSTEM_IDENTITY_CLIENT_ID = "6a0c3e1f-0000-4000-8000-00000000a11d"
+DISCOVERY_PATH = "/discovery"
+WORKSPACE_LOCATION = "eastus"
+WORKSPACE_ID = "5d3f1b2a-7c9e-4e1f-8a2b-3c4d5e6f7a8b"
+APP_SERVICE_SITE = "mlflow-agent-tests"
 
 METRIC_VALUES_LIMIT = 250  # values of one metric key in one log-batch
 PARAMS_LIMIT = 200  # params of one run, in total
@@ -218,6 +249,9 @@ class GatewayConfig:
     retry_after: int = 1
     identity_down: bool = False
     identity_down_mode: str = "refuse"  # or "500"
+    arm_down: bool = False
+    arm_down_mode: str = "503"  # or "reset"
+    arm_omit_tracking_uri: bool = False
 
     def __post_init__(self) -> None:
         if self.token_ttl <= 1:
@@ -228,6 +262,8 @@ class GatewayConfig:
             raise ValueError("retry_after must be >= 0")
         if self.identity_down_mode not in ("refuse", "500"):
             raise ValueError("identity_down_mode must be 'refuse' or '500'")
+        if self.arm_down_mode not in ("503", "reset"):
+            raise ValueError("arm_down_mode must be '503' or 'reset'")
 
     def updated(self, changes: Mapping[str, Any]) -> GatewayConfig:
         known = {f.name for f in fields(self)}
@@ -241,6 +277,9 @@ class GatewayConfig:
             retry_after=int(merged["retry_after"]),
             identity_down=bool(merged["identity_down"]),
             identity_down_mode=str(merged["identity_down_mode"]),
+            arm_down=bool(merged["arm_down"]),
+            arm_down_mode=str(merged["arm_down_mode"]),
+            arm_omit_tracking_uri=bool(merged["arm_omit_tracking_uri"]),
         )
 
 
@@ -260,13 +299,25 @@ def azure_error(status: int, code: str, message: str, inner: str | None = None,
     return _json(status, body, {"x-ms-request-id": request_id, **(headers or {})})
 
 
+def arm_error(status: int, code: str, message: str) -> web.Response:
+    """Azure Resource Manager's envelope: ``{"error": {"code", "message"}}``, the ids only in headers."""
+    return _json(status, {"error": {"code": code, "message": message}},
+                 {"x-ms-request-id": str(uuid.uuid4()), "x-ms-correlation-request-id": str(uuid.uuid4())})
+
+
+def app_service_expiry(unix_seconds: int) -> str:
+    """The 2017-09-01 managed-identity API's ``expires_on``: ``"MM/DD/YYYY HH:MM:SS +00:00"`` (UTC)."""
+    return datetime.fromtimestamp(unix_seconds, timezone.utc).strftime("%m/%d/%Y %H:%M:%S +00:00")
+
+
 # -- the gateway -----------------------------------------------------------------------------------------------
 
 
 class GatewayApp:
     def __init__(self, *, target: str, secret: str, identity_header: str, scope: str, config: GatewayConfig,
-                 seed: int, state_dir: Path, identity_host: str, identity_port: int) -> None:
+                 seed: int, state_dir: Path, identity_host: str, identity_port: int, api_host: str) -> None:
         self.target = target.rstrip("/")
+        self.api_host = api_host  # "127.0.0.1:P": what ARM and discovery name as the workspace's host
         self.secret = secret
         self.identity_header = identity_header
         self.scope = scope
@@ -282,6 +333,11 @@ class GatewayApp:
         self.minted: Counter[str] = Counter()
         self.identity: Counter[str] = Counter(dict.fromkeys(("requests", "served", "bad_header", "down"), 0))
         self.history: Counter[str] = Counter(dict.fromkeys(("renewals", "refused"), 0))
+        self.identity_by_api: Counter[str] = Counter(
+            dict.fromkeys((IDENTITY_API_VERSION, IDENTITY_2017_API_VERSION), 0))
+        self.arm: Counter[str] = Counter(dict.fromkeys(
+            ("requests", "served", "not_found", "unauthorized", "bad_request", "down"), 0))
+        self.discovery: Counter[str] = Counter(dict.fromkeys(("requests",), 0))
         self.valid_tokens: set[str] = set()  # fingerprints
         self.last_forwarded_at: float | None = None
         self._run_locks: dict[str, asyncio.Lock] = {}
@@ -299,12 +355,16 @@ class GatewayApp:
         self.app.router.add_post(MINT_PATH, self.post_mint)
         self.app.router.add_get(history + "/experimentids/{experiment}/runs/{run}/token", self.run_token)
         self.app.router.add_get(history + "/experiments/{experiment_name}/runs/{run}/token", self.run_token)
+        self.app.router.add_get("/subscriptions/{tail:.*}", self.arm_resource)
+        self.app.router.add_get(DISCOVERY_PATH, self.discovery_document)
         self.app.router.add_route("*", "/{tail:.*}", self.handle)
         self.app.on_startup.append(self._open_session)
         self.app.on_cleanup.append(self._close)
 
         self.identity_app = web.Application()
         self.identity_app.router.add_get(IDENTITY_PATH, self.msi_token)
+        self.identity_app.router.add_get(IDENTITY_2017_PATH, self.msi_token_2017)
+        self.identity_app.router.add_get(IDENTITY_2017_PATH + "/", self.msi_token_2017)
 
     async def _open_session(self, _app: web.Application) -> None:
         self.session = aiohttp.ClientSession(
@@ -349,6 +409,9 @@ class GatewayApp:
             "limit_refusals_total": sum(self.limit_refusals.values()),
             "identity": dict(self.identity),
             "history": dict(self.history),
+            "identity_by_api": dict(self.identity_by_api),
+            "arm": dict(self.arm),
+            "discovery": dict(self.discovery),
             "last_forwarded_at": self.last_forwarded_at,
             "config": asdict(self.config),
         }
@@ -402,17 +465,25 @@ class GatewayApp:
             await site.start()
             self.identity_site = site
 
+    def _identity_down(self, request: web.Request, event: dict[str, Any]) -> web.Response | None:
+        """The answer while ``identity_down`` (None while it is up)."""
+        if not self.config.identity_down:
+            return None
+        self.identity["down"] += 1
+        self._log(**event, outcome="identity_down", mode=self.config.identity_down_mode)
+        if self.config.identity_down_mode == "refuse" and request.transport is not None:
+            request.transport.abort()  # a connection kept alive from before: reset it
+            return web.Response(status=499)
+        return _json(500, {"statusCode": 500, "message": "An unexpected error occured while fetching the AAD "
+                                                         "Token.", "correlationId": str(uuid.uuid4())})
+
     async def msi_token(self, request: web.Request) -> web.StreamResponse:
         self.identity["requests"] += 1
+        self.identity_by_api[IDENTITY_API_VERSION] += 1
         event: dict[str, Any] = {"method": request.method, "path": request.path, "endpoint": "msi/token"}
-        if self.config.identity_down:
-            self.identity["down"] += 1
-            self._log(**event, outcome="identity_down", mode=self.config.identity_down_mode)
-            if self.config.identity_down_mode == "refuse" and request.transport is not None:
-                request.transport.abort()  # a connection kept alive from before: reset it
-                return web.Response(status=499)
-            return _json(500, {"statusCode": 500, "message": "An unexpected error occured while fetching the AAD "
-                                                             "Token.", "correlationId": str(uuid.uuid4())})
+        down = self._identity_down(request, event)
+        if down is not None:
+            return down
         if request.headers.get("X-IDENTITY-HEADER") != self.identity_header:
             self.identity["bad_header"] += 1
             self._log(**event, outcome="identity_refused", status=401)
@@ -425,7 +496,98 @@ class GatewayApp:
         self.identity["served"] += 1
         self._log(**event, outcome="identity_token", status=200, token_id=token_fingerprint(token), token_exp=exp)
         return _json(200, {"access_token": token, "expires_on": str(exp), "resource": resource,
-                           "token_type": "Bearer", "client_id": "6a0c3e1f-0000-4000-8000-00000000a11d"})
+                           "token_type": "Bearer", "client_id": SYSTEM_IDENTITY_CLIENT_ID})
+
+    async def msi_token_2017(self, request: web.Request) -> web.StreamResponse:
+        """App Service's 2017-09-01 API, as msrestazure's ``get_msi_token_webapp`` calls it."""
+        self.identity["requests"] += 1
+        self.identity_by_api[IDENTITY_2017_API_VERSION] += 1
+        event: dict[str, Any] = {"method": request.method, "path": request.path, "endpoint": "msi/2017"}
+        down = self._identity_down(request, event)
+        if down is not None:
+            return down
+        if request.headers.get("secret") != self.identity_header:
+            self.identity["bad_header"] += 1
+            self._log(**event, outcome="identity_refused", status=401)
+            return _json(401, {"statusCode": 401, "message": "The secret header is missing or wrong."})
+        resource = request.query.get("resource")
+        if not resource or request.query.get("api-version") != IDENTITY_2017_API_VERSION:
+            self._log(**event, outcome="identity_refused", status=400)
+            return _json(400, {"statusCode": 400, "message": "resource and api-version=2017-09-01 are required."})
+        client_id = request.query.get("clientid") or SYSTEM_IDENTITY_CLIENT_ID
+        token, exp = self.mint(self.config.token_ttl, "identity")
+        self.identity["served"] += 1
+        self._log(**event, outcome="identity_token", status=200, token_id=token_fingerprint(token), token_exp=exp,
+                  resource=resource, client_id=client_id)
+        return _json(200, {"access_token": token, "expires_on": app_service_expiry(exp), "resource": resource,
+                           "token_type": "Bearer", "client_id": client_id})
+
+    # -- Azure Resource Manager and the discovery service ------------------------------------------------------
+
+    async def arm_resource(self, request: web.Request) -> web.StreamResponse:
+        self.arm["requests"] += 1
+        event: dict[str, Any] = {"method": request.method, "path": request.path, "endpoint": "arm/workspace"}
+        if self.config.arm_down:
+            self.arm["down"] += 1
+            self._log(**event, outcome="arm_down", mode=self.config.arm_down_mode)
+            if self.config.arm_down_mode == "reset" and request.transport is not None:
+                request.transport.abort()
+                return web.Response(status=499)
+            return arm_error(503, "ServiceUnavailable", "The server (leader) is currently unable to handle the "
+                                                        "request. Please retry later.")
+        refused = self._authenticate(request, event)
+        if refused is not None:
+            self.arm["unauthorized"] += 1
+            return refused
+        if not request.query.get("api-version"):
+            self.arm["bad_request"] += 1
+            self._log(**event, outcome="arm_bad_request", status=400)
+            return arm_error(400, "MissingApiVersionParameter",
+                             "The api-version query parameter (?api-version=) is required for all requests.")
+        parts = request.path.strip("/").split("/")
+        words = [p.lower() for p in parts[0::2]]
+        if len(parts) != 8 or words != ["subscriptions", "resourcegroups", "providers", "workspaces"] \
+                or parts[5].lower() != PROVIDER.lower():
+            self.arm["not_found"] += 1
+            self._log(**event, outcome="arm_not_found", status=404)
+            return arm_error(404, "NotFound", f"No route to {request.path} in this stand-in of ARM.")
+        own = self.scope.strip("/").split("/")
+        subscription, group, workspace = parts[1], parts[3], parts[7]
+        if subscription.lower() != own[1].lower():
+            code, message = "SubscriptionNotFound", f"The subscription '{subscription}' could not be found."
+        elif group.lower() != own[3].lower():
+            code, message = "ResourceGroupNotFound", f"Resource group '{group}' could not be found."
+        elif workspace.lower() != own[7].lower():
+            code, message = "ResourceNotFound", (
+                f"The Resource '{PROVIDER}/workspaces/{workspace}' under resource group '{group}' was not found. "
+                "For more details please go to https://aka.ms/ARMResourceNotFoundFix")
+        else:
+            code = message = ""
+        if code:
+            self.arm["not_found"] += 1
+            self._log(**event, outcome="arm_not_found", status=404, code=code)
+            return arm_error(404, code, message)
+        properties: dict[str, Any] = {
+            "friendlyName": own[7], "workspaceId": WORKSPACE_ID, "provisioningState": "Succeeded",
+            "discoveryUrl": f"https://{self.api_host}{DISCOVERY_PATH}",
+            "mlFlowTrackingUri": f"azureml://{self.api_host}/mlflow/v1.0{self.scope}",
+            "hbiWorkspace": False, "publicNetworkAccess": "Enabled",
+        }
+        if self.config.arm_omit_tracking_uri:
+            del properties["mlFlowTrackingUri"]
+        self.arm["served"] += 1
+        self._log(**event, outcome="arm_workspace", status=200)
+        return _json(200, {"id": self.scope, "name": own[7], "type": f"{PROVIDER}/workspaces",
+                           "location": WORKSPACE_LOCATION, "kind": "Default",
+                           "sku": {"name": "Basic", "tier": "Basic"}, "properties": properties})
+
+    async def discovery_document(self, request: web.Request) -> web.Response:
+        self.discovery["requests"] += 1
+        self._log(method=request.method, path=request.path, endpoint="discovery", outcome="discovery", status=200)
+        base = f"https://{self.api_host}"
+        return _json(200, {"api": base, "catalog": base, "experimentation": base, "gallery": f"{base}/gallery/v1.0",
+                           "history": base, "hyperdrive": base, "labeling": base, "modelmanagement": base,
+                           "pipelines": base, "studio": "https://ml.azure.com"})
 
     # -- authentication --------------------------------------------------------------------------------------
 
@@ -685,7 +847,7 @@ def main(argv: list[str] | None = None) -> int:
     gateway = GatewayApp(target=args.target, secret=secret, identity_header=identity_header,
                          scope=scope_of(args.subscription, args.resource_group, args.workspace), config=config,
                          seed=args.seed, state_dir=args.state_dir, identity_host=LOOPBACK,
-                         identity_port=args.identity_port)
+                         identity_port=args.identity_port, api_host=f"{LOOPBACK}:{args.port}")
     asyncio.run(serve(gateway, args.port, args.cert, args.key))
     return 0
 
@@ -710,7 +872,9 @@ class AzureGateway:
     """The stand-in as a subprocess on free loopback ports, in front of the MLflow server ``target_mlflow_url``.
 
     Starts on construction (unless ``start=False``); stop it with :meth:`stop` / :meth:`close` or use it as
-    a context manager. Give the agent ``--upstream gateway.uri`` and ``gateway.agent_env()``.
+    a context manager. Give the agent ``--upstream gateway.uri`` and ``gateway.agent_env()``, or a
+    ``config.json`` (:meth:`write_workspace_config`) with ``--azureml-config`` and ``--azure-arm-endpoint
+    gateway.arm_endpoint``. ``target_mlflow_url`` may name a closed port when only tokens and ARM are used.
     """
 
     def __init__(
@@ -783,10 +947,45 @@ class AzureGateway:
         """What ``IDENTITY_ENDPOINT`` holds."""
         return f"http://{LOOPBACK}:{self.identity_port}{IDENTITY_PATH}"
 
+    @property
+    def msi_endpoint(self) -> str:
+        """What ``MSI_ENDPOINT`` holds for the 2017-09-01 App Service API."""
+        return f"http://{LOOPBACK}:{self.identity_port}{IDENTITY_2017_PATH}"
+
+    @property
+    def arm_endpoint(self) -> str:
+        """The ARM stand-in: give the agent ``--azure-arm-endpoint`` this (``https://127.0.0.1:<port>``)."""
+        return self.url
+
+    def arm_resource_url(self, workspace: str | None = None) -> str:
+        """The ARM URL of a workspace (default: the gateway's own) in this gateway's subscription and group."""
+        scope = scope_of(self.subscription_id, self.resource_group, workspace or self.workspace)
+        return f"{self.arm_endpoint}{scope}?api-version=2024-10-01"
+
+    @property
+    def discovery_url(self) -> str:
+        return f"{self.url}{DISCOVERY_PATH}"
+
+    def workspace_config(self, **overrides: str) -> dict[str, str]:
+        """A ``config.json`` naming the gateway's workspace (``workspace_name="other"`` etc. to change a key)."""
+        return {"subscription_id": self.subscription_id, "resource_group": self.resource_group,
+                "workspace_name": self.workspace, **overrides}
+
+    def write_workspace_config(self, path: Path, **overrides: str) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.workspace_config(**overrides)))
+        return path
+
     def agent_env(self) -> dict[str, str]:
         """The environment an agent outside a job needs: managed identity and trust in the certificate."""
         return {"IDENTITY_ENDPOINT": self.identity_endpoint, "IDENTITY_HEADER": self.identity_header,
                 "MLFLOW_TRACKING_SERVER_CERT_PATH": str(self.cert_path)}
+
+    def msi_env(self) -> dict[str, str]:
+        """What App Service sets for the 2017-09-01 managed-identity API that azureml-core (msrestazure)
+        uses: without ``APPSETTING_WEBSITE_SITE_NAME`` msrestazure would POST to ``MSI_ENDPOINT`` instead."""
+        return {"MSI_ENDPOINT": self.msi_endpoint, "MSI_SECRET": self.identity_header,
+                "APPSETTING_WEBSITE_SITE_NAME": APP_SERVICE_SITE}
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -850,7 +1049,9 @@ class AzureGateway:
         "unauthorized": {reason: n}, "unauthorized_total", "tokens_minted", "minted_by_kind",
         "distinct_tokens", "limit_refusals": {"metric_values", "params", "max_results"},
         "limit_refusals_total", "identity": {"requests", "served", "bad_header", "down"},
-        "history": {"renewals", "refused"}, "last_forwarded_at", "config"}``."""
+        "history": {"renewals", "refused"}, "identity_by_api": {version: n}, "arm": {"requests", "served",
+        "not_found", "unauthorized", "bad_request", "down"}, "discovery": {"requests"}, "last_forwarded_at",
+        "config"}``."""
         resp = self._http.get(f"{self.url}{STATS_PATH}", timeout=10)
         resp.raise_for_status()
         data: dict[str, Any] = resp.json()
@@ -863,7 +1064,8 @@ class AzureGateway:
         return data
 
     def set(self, **settings: Any) -> dict[str, Any]:
-        """Change settings at run time (``identity_down=True``, ``token_ttl=3``, ``p_429=0.1``, ...)."""
+        """Change settings at run time (``identity_down=True``, ``token_ttl=3``, ``p_429=0.1``, ``arm_down=True``,
+        ``arm_omit_tracking_uri=True``, ...)."""
         resp = self._http.post(f"{self.url}{CONFIG_PATH}", json=settings, timeout=10)
         if resp.status_code != 200:
             raise ValueError(f"gateway refused {settings}: {resp.text}")

@@ -43,7 +43,7 @@ async def test_damaged_row_is_dead_lettered_and_the_rest_of_the_run_arrives(
     await offline.start()
     for step in range(3):
         result = await offline.spool.append([Record(run_id, Kind.METRICS, [["m", float(step), 1000 + step, step]])])
-        offline.ledger.appended(result, "test")
+        offline.ledger.appended(result)
     await offline.stop()
     with sqlite3.connect(spool / "spool.db") as db:
         seqs = [r[0] for r in db.execute("SELECT seq FROM records ORDER BY seq")]
@@ -78,7 +78,7 @@ async def test_refused_items_are_isolated_and_the_run_is_not_blocked(
             Record(run_id, Kind.METRICS, [["m", float(i), 5000 + i, i] for i in range(10)]),
             Record(run_id, Kind.TAGS, [["t", "v"]]),
         ]
-        agent.ledger.appended(await agent.spool.append(records), "test")
+        agent.ledger.appended(await agent.spool.append(records))
         await _drained(agent)
         dead = await agent.spool.dead_letters()
         totals = (await agent.status())["totals"]
@@ -101,7 +101,7 @@ async def test_a_run_the_upstream_does_not_know_is_dead_lettered_whole(
     await agent.start()
     try:
         records = [Record(ghost, Kind.METRICS, [["m", 1.0, 1, 0]]), Record(ghost, Kind.TAGS, [["t", "v"]])]
-        agent.ledger.appended(await agent.spool.append(records), "test")
+        agent.ledger.appended(await agent.spool.append(records))
         await _drained(agent)
         status = await agent.status()
     finally:
@@ -130,7 +130,7 @@ async def test_azure_limits_cap_values_per_key_and_params_per_run(
                    for j in (0, 500)]
         records += [Record(run_id, Kind.PARAMS, [[f"p{i:03d}", str(i)] for i in range(j, j + 50)])
                     for j in range(0, 250, 50)]
-        agent.ledger.appended(await agent.spool.append(records), "test")
+        agent.ledger.appended(await agent.spool.append(records))
         await _drained(agent)
         dead = await agent.spool.dead_letters(100)
         requests = agent.metrics.registry.get_sample_value(

@@ -27,13 +27,13 @@ from agent.upstream.azureml import (
     AzureIdentitySource,
     AzureMLRunTokenSource,
     AzureWorkspace,
-    azure_source,
-    check_azureml_upstream,
+    azure_token_source,
     parse_azure_error,
     parse_azureml_uri,
     parse_iso_time,
     require_azure_identity,
 )
+from agent.upstream.azureml_core import AzureMLCoreSource
 from agent.upstream.renewing import CredentialError
 
 SUB = "00000000-1111-2222-3333-444444444444"
@@ -84,7 +84,7 @@ def _closed_port() -> int:
 
 def test_the_portal_uri_is_upgraded_to_v2() -> None:
     ws = parse_azureml_uri(f"azureml://eastus.api.azureml.ms/mlflow/v1.0{SCOPE}?")
-    assert ws == AzureWorkspace("eastus.api.azureml.ms", SUB, "rg-ml", "ws1")
+    assert ws == AzureWorkspace(SUB, "rg-ml", "ws1", host="eastus.api.azureml.ms")
     assert ws.scope == SCOPE
     assert ws.base_url == f"https://eastus.api.azureml.ms/mlflow/v2.0{SCOPE}"
     assert parse_azureml_uri(f"azureml://eastus.api.azureml.ms/mlflow/v2.0{SCOPE}") == ws
@@ -236,26 +236,34 @@ def test_azure_identity_missing_is_one_clear_line(monkeypatch: pytest.MonkeyPatc
     assert str(info.value) == AZURE_EXTRA_HINT
     with pytest.raises(ValueError, match="need azure-identity"):
         AzureIdentitySource()
-    uri = f"azureml://eastus.api.azureml.ms/mlflow/v1.0{SCOPE}?"
-    with pytest.raises(ValueError, match="need azure-identity"):
-        check_azureml_upstream(uri, {})
     # Inside a job the run token is used: azure-identity is not needed.
     job = {"MLFLOW_TRACKING_TOKEN": _jwt({"exp": 2_000_000_000}), "AZUREML_RUN_ID": RUN_ID}
-    assert check_azureml_upstream(uri, job).workspace_name == "ws1"
+    ws = parse_azureml_uri(f"azureml://eastus.api.azureml.ms/mlflow/v1.0{SCOPE}?")
+    assert isinstance(azure_token_source(job, job_workspace=ws), AzureMLRunTokenSource)
+    with pytest.raises(ValueError, match="need azure-identity"):
+        azure_token_source({}, job_workspace=ws)
 
 
 @needs_azure_identity
 async def test_source_choice(azure_env: None) -> None:
     ws = parse_azureml_uri(f"azureml://eastus.api.azureml.ms/mlflow/v1.0{SCOPE}")
     token = _jwt({"exp": 2_000_000_000})
-    assert isinstance(azure_source(ws, {"MLFLOW_TRACKING_TOKEN": token, "AZUREML_RUN_ID": RUN_ID}),
-                      AzureMLRunTokenSource)
-    assert isinstance(azure_source(ws, {"MLFLOW_TRACKING_TOKEN": token, "MLFLOW_RUN_ID": RUN_ID}),
-                      AzureMLRunTokenSource)
+    assert isinstance(azure_token_source({"MLFLOW_TRACKING_TOKEN": token, "AZUREML_RUN_ID": RUN_ID},
+                                         job_workspace=ws), AzureMLRunTokenSource)
+    assert isinstance(azure_token_source({"MLFLOW_TRACKING_TOKEN": token, "MLFLOW_RUN_ID": RUN_ID},
+                                         job_workspace=ws), AzureMLRunTokenSource)
     for env in ({}, {"MLFLOW_TRACKING_TOKEN": token}, {"AZUREML_RUN_ID": RUN_ID}):
-        source = azure_source(ws, env)
+        source = azure_token_source(env, job_workspace=ws)
         assert isinstance(source, AzureIdentitySource)
+        assert source.scope == "https://management.azure.com/.default"
         await source.close()
+    # Without a job workspace (a config.json upstream) the run token is never used: it cannot call ARM.
+    job = {"MLFLOW_TRACKING_TOKEN": token, "AZUREML_RUN_ID": RUN_ID}
+    source = azure_token_source(job, arm_endpoint="https://management.chinacloudapi.cn/")
+    assert isinstance(source, AzureIdentitySource)
+    assert source.scope == "https://management.chinacloudapi.cn/.default"
+    await source.close()
+    assert isinstance(azure_token_source(job, credential="azureml-core"), AzureMLCoreSource)
 
 
 # --- run tokens against a local run-history endpoint over TLS ------------------------------------
