@@ -145,7 +145,8 @@ async def _sync(settings: Settings, *, timeout: float | None, progress_every: fl
     print(f"sync: {total} record(s) pending in {len(agent.ledger.runs())} run(s) -> {settings.upstream_text}")
     last_print = started
     try:
-        while agent.ledger.total_items() > 0 or agent.catalog.pending_experiments():
+        while agent.ledger.total_items() > 0 or agent.catalog.pending_experiments() or (
+                agent.artifact_uploader is not None and agent.artifacts.pending()):
             if timeout is not None and time.monotonic() - started > timeout:
                 break
             await asyncio.sleep(0.2)
@@ -155,7 +156,7 @@ async def _sync(settings: Settings, *, timeout: float | None, progress_every: fl
                       f"{'up' if agent.rest and agent.rest.health.up else 'not answering'}")
     finally:
         totals = (await agent.status())["totals"]
-        left = agent.ledger.total_items()
+        left = agent.ledger.total_items() + len(agent.artifacts.pending())
         await agent.stop()
     print(f"sync: done in {time.monotonic() - started:.1f}s: uploaded {int(totals.get('uploaded', 0))}, "
           f"dead-lettered {int(totals.get('dead_lettered', 0))}, left in spool {left}")

@@ -33,6 +33,7 @@ spool_dir                      (see below)          spool directory: $STATE_DIRE
 spool_max_bytes                1GiB                 spool size cap (at least 1MiB)
 overflow_policy                drop_oldest          when the spool is full: drop_oldest or reject
 spool_sync                     normal               SQLite synchronous mode: normal or full
+artifact_max_bytes             10GiB                disk budget for artifacts waiting for upload
 drain_timeout                  20s                  how long shutdown waits to upload what is spooled
 create_run_timeout             2s                   how long create-run waits for the server's run id
 request_timeout                30s                  timeout of one upstream HTTP request (> 0)
@@ -351,6 +352,8 @@ SETTINGS: tuple[SettingDef, ...] = (
     _S("overflow_policy", _choice("drop_oldest", "reject"), "drop_oldest", "POLICY",
        "when the spool is full: drop_oldest or reject"),
     _S("spool_sync", _choice("normal", "full"), "normal", "MODE", "SQLite synchronous mode: normal or full"),
+    _S("artifact_max_bytes", _size(1 << 20, "1MiB"), "10GiB", "SIZE",
+       "disk budget for artifacts waiting for upload; over it an upload is refused (413)"),
     _S("drain_timeout", _duration(), "20s", _DUR, "how long shutdown waits to upload what is spooled"),
     _S("create_run_timeout", _duration(), "2s", _DUR, "how long create-run waits for the server's run id"),
     _S("request_timeout", _duration(positive=True), "30s", _DUR, "timeout of one upstream request"),
@@ -399,6 +402,7 @@ class Settings:
     spool_max_bytes: int = _DEFAULTS["spool_max_bytes"]
     overflow_policy: str = _DEFAULTS["overflow_policy"]
     spool_sync: str = _DEFAULTS["spool_sync"]
+    artifact_max_bytes: int = _DEFAULTS["artifact_max_bytes"]
     drain_timeout: float = _DEFAULTS["drain_timeout"]
     create_run_timeout: float = _DEFAULTS["create_run_timeout"]
     request_timeout: float = _DEFAULTS["request_timeout"]

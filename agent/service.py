@@ -27,11 +27,14 @@ from agent.errors import MlflowApiError
 from agent.ops.health import OpsEndpoints
 from agent.ops.metrics import AgentMetrics
 from agent.ops.notify import NOTIFY_VARIABLES, SystemdNotifier
+from agent.sources.artifacts import ArtifactsApi
 from agent.sources.datagram import DatagramSource
 from agent.sources.mlflow_api import MlflowApi, error_response
-from agent.sources.proxy import Proxy
+from agent.sources.proxy import AZUREML_MAX_RESULTS, Proxy
+from agent.spool.artifacts import ArtifactStore
 from agent.spool.ledger import Ledger
 from agent.spool.store import Spool
+from agent.upload.artifacts import ArtifactUploader
 from agent.upload.batcher import AZUREML_LIMITS, MLFLOW_LIMITS
 from agent.upload.resolver import Resolver
 from agent.upload.retry import RetryPolicy
@@ -65,6 +68,8 @@ class Agent:
         self.spool = Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes,
                            overflow_policy=settings.overflow_policy, sync_full=settings.spool_sync == "full")
         self.ledger = Ledger(self.metrics)
+        self.artifacts = ArtifactStore(settings.spool_dir, max_bytes=settings.artifact_max_bytes)
+        self.artifact_uploader: ArtifactUploader | None = None
         self.rest: MlflowRest | None = None
         self.uploader: Uploader | None = None
         self.resolver: Resolver | None = None
@@ -101,8 +106,15 @@ class Agent:
                                      resolver=self.resolver, retry=retry, max_in_flight=s.upload_max_in_flight,
                                      linger=s.upload_linger, limits=AZUREML_LIMITS if self.azureml else MLFLOW_LIMITS)
         self.ledger.loaded(loaded.pending)
+        artifacts_waiting = await self.artifacts.open()
         if self.uploader is not None:
             await self.uploader.start()
+        if self.rest is not None and not self.azureml:  # Azure ML's artifact path is not buffered yet
+            self.artifact_uploader = ArtifactUploader(store=self.artifacts, rest=self.rest, catalog=self.catalog,
+                                                      retry=retry, metrics=self.metrics)
+            await self.artifact_uploader.start()
+        if artifacts_waiting:
+            log.info("%d artifact file(s) wait for upload", artifacts_waiting)
         pending = self.ledger.total_items()
         log.info("spool %s opened: %d record(s) pending in %d run(s)", self.spool.path, pending,
                  len(self.ledger.runs()), extra={"pending": pending})
@@ -160,10 +172,17 @@ class Agent:
         self.proxy = Proxy(self.rest, self.catalog, read_timeout=max(s.request_timeout, 60.0))
         self.proxy.lifecycle_hook = self.api.lifecycle_changed
         self.proxy.azureml = self.azureml
+        self.api.forward = self.proxy.handle
+        self.api.read_timeout = max(s.request_timeout, 60.0)
+        if self.azureml:
+            self.api.history_page_size = AZUREML_MAX_RESULTS
         await self.proxy.start()
         ops = OpsEndpoints(self.metrics, self.status, self.readiness, self._refresh_gauges)
         ops.add_routes(app)
         self.api.add_routes(app)
+        if not self.azureml:
+            ArtifactsApi(store=self.artifacts, catalog=self.catalog, metrics=self.metrics, rest=self.rest,
+                         forward=self.proxy.handle, read_timeout=s.create_run_timeout).add_routes(app)
         app.router.add_route("*", "/{tail:.*}", self.proxy.handle)
         if s.udp is not None or s.uds is not None:
             self.datagrams = DatagramSource(ingest=self.api.ingest, catalog=self.catalog, metrics=self.metrics,
@@ -199,11 +218,15 @@ class Agent:
             for site in list(self._runner.sites):
                 await site.stop()
         if self.uploader is None:
-            return self.ledger.total_items() == 0
+            return self.ledger.total_items() == 0 and not self.artifacts.pending()
         pending = self.ledger.total_items()
         if pending:
             log.info("draining %d record(s) to the upstream (up to %.0f s)", pending, timeout)
-        return await self.uploader.drain(timeout)
+        deadline = time.monotonic() + timeout
+        drained = await self.uploader.drain(timeout)
+        if self.artifact_uploader is not None:  # it kept going meanwhile; give it what is left of the time
+            await self.artifacts.wait_empty(deadline - time.monotonic())
+        return drained and not self.artifacts.pending()
 
     async def stop(self) -> None:
         for task in (self._maintenance, self._probe):
@@ -221,6 +244,8 @@ class Agent:
             await self._ops_runner.cleanup()
         if self.proxy is not None:
             await self.proxy.stop()
+        if self.artifact_uploader is not None:
+            await self.artifact_uploader.stop()
         if self.uploader is not None:
             await self.uploader.stop()
         if self.resolver is not None:
@@ -319,6 +344,7 @@ class Agent:
             st = os.statvfs(self.spool.directory)
             self.metrics.spool_disk_free_bytes.set(st.f_bavail * st.f_frsize)
         self.metrics.oldest_buffered_age.set(self._oldest_age())
+        self.metrics.artifacts_buffered_bytes.set(self.artifacts.charged_bytes)
 
     def _oldest_age(self) -> float:
         oldest = self.spool.oldest_at
@@ -394,6 +420,8 @@ class Agent:
                 "file_bytes": await asyncio.to_thread(self.spool.file_bytes),
                 "overflow_policy": self.settings.overflow_policy,
             },
+            "artifacts": {"waiting": len(self.artifacts.pending()), "bytes": self.artifacts.charged_bytes,
+                          "limit_bytes": self.settings.artifact_max_bytes},
             "buffered_records": self.ledger.total_items(),
             "oldest_buffered_age_seconds": self._oldest_age(),
             "buffered_by_kind": self.ledger.by_kind(),

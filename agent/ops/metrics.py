@@ -106,6 +106,16 @@ class AgentMetrics:
             "mlflow_agent_upload_batch_records", "Records in one upstream log-batch request.",
             buckets=_BATCH_BUCKETS, registry=r,
         )
+        self.artifacts = Counter(
+            "mlflow_agent_artifacts", "Artifact files by outcome: received (durable), uploaded, dead_lettered.",
+            ["result"], registry=r,
+        )
+        self.artifact_bytes = Counter(
+            "mlflow_agent_artifact_bytes", "Artifact bytes received and uploaded.", ["result"], registry=r,
+        )
+        self.artifacts_buffered_bytes = Gauge(
+            "mlflow_agent_artifacts_buffered_bytes", "Bytes of artifacts held on disk for upload.", registry=r,
+        )
         self.upload_retries = Counter(
             "mlflow_agent_upload_retries", "Upload attempts that will be retried, by reason.", ["reason"], registry=r
         )
@@ -140,6 +150,10 @@ class AgentMetrics:
                 self.received.labels(kind=kind, source=source)
                 self.uploaded.labels(kind=kind, source=source)
                 self.dead_lettered.labels(kind=kind, source=source)
+        for result in ("received", "uploaded", "dead_lettered"):
+            self.artifacts.labels(result=result)
+        for result in ("received", "uploaded"):
+            self.artifact_bytes.labels(result=result)
         for source in INGEST_SOURCES:
             self.ingest_latency.labels(source=source)
             self.dropped.labels(kind="metric", source=source, reason="spool_full")  # only metrics are dropped

@@ -24,6 +24,7 @@ from agent.catalog import Catalog, RunEntry, generate_run_name, new_id
 from agent.errors import MlflowApiError, invalid, run_not_active, run_not_found, unavailable
 from agent.ops.metrics import AgentMetrics
 from agent.records import PROVISIONAL_TAG, RUN_ID_TAGS, Kind, Record
+from agent.sources import reads
 from agent.sources.ingest import Ingest
 from agent.spool.ledger import Ledger
 from agent.spool.store import CatalogWrite, ParamPut, Spool, SpoolClosed, SpoolFull, TagPut
@@ -55,6 +56,11 @@ def error_response(error: MlflowApiError) -> web.Response:
     return json_response(error.body(), status=error.status, headers=headers)
 
 
+def _positive_int(value: str) -> bool:
+    return value.strip().isdigit() and int(value) > 0
+
+
+_MAX_HISTORY_PAGES = 1000  # 25 million points at MLflow's page size; 1 million at Azure's
 # Writes answered from the spool alone (runs/create and experiments/create may wait for the upstream).
 _LOCAL_WRITES = frozenset({"runs/log-batch", "runs/log-metric", "runs/log-parameter", "runs/set-tag",
                            "runs/delete-tag", "runs/update"})
@@ -82,13 +88,18 @@ class MlflowApi:
         self.create_run_timeout = create_run_timeout
         self.overflow_retry_after = overflow_retry_after
         self.ingest = Ingest(catalog, spool, ledger)
+        # Set by the agent: where reads this API does not answer itself go (the proxy).
+        self.forward: Handler | None = None
+        # Set by the agent when azureml: the page size Azure accepts for metric history.
+        self.history_page_size = 25_000
+        self.read_timeout = 60.0  # one page of an upstream read the client is waiting on
         # Set by the agent when datagrams are on: commit what was sent before a lifecycle operation.
         self.before_lifecycle: Callable[[], Awaitable[None]] | None = None
         self._discovering: dict[str, asyncio.Future[RunEntry]] = {}
         self._background: set[asyncio.Task[None]] = set()
 
     def add_routes(self, app: web.Application) -> None:
-        post = {
+        post: dict[str, Handler] = {
             "runs/log-batch": self.log_batch,
             "runs/log-metric": self.log_metric,
             "runs/log-parameter": self.log_param,
@@ -98,8 +109,9 @@ class MlflowApi:
             "runs/create": self.create_run,
             "experiments/create": self.create_experiment,
         }
-        get = {
+        get: dict[str, Handler] = {
             "runs/get": self.get_run,
+            "metrics/get-history": self.get_metric_history,
             "experiments/get-by-name": self.get_experiment_by_name,
             "experiments/get": self.get_experiment,
         }
@@ -371,6 +383,8 @@ class MlflowApi:
 
     async def get_run(self, request: web.Request) -> web.Response:
         run_id = validation.get_run(request.query)
+        if self.before_lifecycle is not None:
+            await self.before_lifecycle()  # what this process sent as datagrams is part of what it reads
         entry = self.catalog.run(run_id)
         upstream_id = self.catalog.upstream_run_id(run_id)
         if self.rest is None or upstream_id is None or (entry is not None and self.rest.health.known_down):
@@ -392,11 +406,72 @@ class MlflowApi:
         if info.get("lifecycle_stage") == "deleted":
             entry.info["lifecycle_stage"] = "deleted"
         if self.ledger.run_items(run_id):
-            # Writes not uploaded yet: the run's own fields as the client last set them.
+            # Writes not uploaded yet: the run's own fields as the client last set them, and its data.
             for key in ("status", "end_time", "run_name"):
                 if entry.info.get(key) is not None:
                     info[key] = entry.info[key]
+            data = run.get("data")
+            deleted = await self.spool.pending_tag_deletes(run_id) if self.ledger.run_breakdown(run_id).get(
+                "tag") else []
+            run["data"] = reads.merge_run_data(data if isinstance(data, dict) else {}, entry, deleted)
         return json_response(answer)
+
+    async def get_metric_history(self, request: web.Request) -> web.StreamResponse:
+        """Read-your-writes for metric history: the upstream's points plus those still in the spool.
+
+        Runs with nothing of that metric in the spool (and follow-up pages) go to the upstream as they
+        are. Otherwise the whole history is answered in one page: the upstream's pages, fetched here,
+        merged with the spooled points."""
+        query = request.query
+        run_id = query.get("run_id") or query.get("run_uuid") or ""
+        key = query.get("metric_key") or ""
+        if self.before_lifecycle is not None:
+            await self.before_lifecycle()  # what this process sent as datagrams is part of what it reads
+        entry = self.catalog.run(run_id) if validation.is_valid_run_id(run_id) else None
+        upstream_id = self.catalog.upstream_run_id(run_id) if entry is not None else None
+        # A provisional run not created upstream yet: every point it has is here.
+        local_only = entry is not None and upstream_id is None
+        buffered: list[list[Any]] = []
+        ours = entry is not None and key and (local_only or self.ledger.run_breakdown(run_id).get("metric"))
+        if ours and (query.get("page_token") or not _positive_int(query.get("max_results", "1"))):
+            # Never a token of ours (the agent answers in one page), or a page size MLflow refuses.
+            raise MlflowApiError("INVALID_PARAMETER_VALUE", "Invalid value for parameter 'page_token' or "
+                                 f"'max_results' in get-history of run {run_id}")
+        if ours:
+            buffered = await self.spool.buffered_metric_points(run_id, key)
+        if not buffered and not (local_only and key):
+            # Anything else (malformed requests included) is the upstream's to answer, as before.
+            if self.forward is None:
+                raise unavailable("mlflow-agent runs offline and holds no such metric history")
+            return await self.forward(request)
+        upstream: list[dict[str, Any]] = []
+        if upstream_id is not None and self.rest is not None:
+            fetched = await self._history_upstream(upstream_id, key)
+            if fetched is None:
+                raise unavailable(f"mlflow-agent: the upstream is unreachable; it holds part of the history of "
+                                  f"{key!r} for run {run_id}")
+            upstream = fetched
+        # else: a run the upstream has not seen yet (provisional), or an offline agent: all points are here
+        return json_response({"metrics": reads.merge_history(upstream, buffered)})
+
+    async def _history_upstream(self, upstream_id: str, key: str) -> list[dict[str, Any]] | None:
+        """Every page of the upstream's history of one metric, or None when it does not answer."""
+        points: list[dict[str, Any]] = []
+        token: str | None = None
+        for _ in range(_MAX_HISTORY_PAGES):
+            params = {"run_id": upstream_id, "metric_key": key, "max_results": str(self.history_page_size)}
+            if token:
+                params["page_token"] = token
+            answer = await self._ask_upstream("GET", "metrics/get-history", params=params, timeout=self.read_timeout)
+            if answer is None:
+                return None
+            page = answer.get("metrics")
+            if isinstance(page, list):
+                points.extend(p for p in page if isinstance(p, dict))
+            token = answer.get("next_page_token") or None
+            if token is None:
+                return points
+        raise unavailable(f"mlflow-agent: the history of {key!r} has more than {_MAX_HISTORY_PAGES} pages upstream")
 
     def _local_run(self, run_id: str, entry: RunEntry | None) -> web.Response:
         if entry is None or entry.info.get("experiment_id") is None:
@@ -462,12 +537,14 @@ class MlflowApi:
         raise unavailable(f"mlflow-agent: the upstream is unreachable and experiment {eid} is not known locally")
 
     async def _ask_upstream(self, method: str, endpoint: str, *, params: dict[str, str] | None = None,
-                            body: dict[str, Any] | None = None) -> dict[str, Any] | None:
+                            body: dict[str, Any] | None = None, timeout: float | None = None
+                            ) -> dict[str, Any] | None:
         """One bounded read-through call: the upstream's answer; its refusal, passed on to the client as
         MLflow's error; or None when it cannot answer in time (the caller answers from what it knows)."""
         assert self.rest is not None
         try:
-            return await self.rest.call(method, endpoint, params=params, body=body, timeout=self.create_run_timeout)
+            return await self.rest.call(method, endpoint, params=params, body=body,
+                                        timeout=timeout or self.create_run_timeout)
         except PermanentError as exc:
             raise MlflowApiError(exc.error_code or "BAD_REQUEST", exc.message) from exc
         except UpstreamError:

@@ -293,6 +293,14 @@ class Spool:
         """Move everything pending for a run to the dead-letter table (the upstream refuses the run)."""
         return await self._submit(lambda conn: self._dead_letter_run(conn, run, status, error_code, message))
 
+    async def buffered_metric_points(self, run: str, key: str) -> list[list[Any]]:
+        """The ``[key, value, timestamp, step]`` items of one metric still waiting for upload, in order."""
+        return await self._submit(lambda conn: _buffered_points(conn, run, key), in_transaction=False)
+
+    async def pending_tag_deletes(self, run: str) -> list[str]:
+        """Keys of the run's tag deletions still waiting for upload."""
+        return await self._submit(lambda conn: _pending_tag_deletes(conn, run), in_transaction=False)
+
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         return await self._submit(lambda conn: _list_dead_letters(conn, limit))
 
@@ -724,6 +732,32 @@ def _read_run(conn: sqlite3.Connection, run: str, limit: int) -> list[Row]:
             out.append(Row(seq, run, Kind(kind), n, done, size, {"unreadable_body": bytes(body).hex()},
                            corrupt=f"{type(exc).__name__}: {exc}"))
     return out
+
+
+def _buffered_points(conn: sqlite3.Connection, run: str, key: str) -> list[list[Any]]:
+    out: list[list[Any]] = []
+    for done, body in conn.execute(
+        "SELECT done, body FROM records WHERE run = ? AND kind = ? ORDER BY seq", (run, int(Kind.METRICS))
+    ):
+        try:
+            items = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            continue  # a damaged row: the uploader dead-letters it
+        if isinstance(items, list):
+            # [key, value, timestamp, step] plus, for points logged with a model or dataset, a dict of those
+            out.extend(item for item in items[done:] if isinstance(item, list) and len(item) >= 4 and item[0] == key)
+    return out
+
+
+def _pending_tag_deletes(conn: sqlite3.Connection, run: str) -> list[str]:
+    keys: list[str] = []
+    for (body,) in conn.execute("SELECT body FROM records WHERE run = ? AND kind = ? ORDER BY seq",
+                                (run, int(Kind.DELETE_TAG))):
+        with contextlib.suppress(orjson.JSONDecodeError):
+            payload = orjson.loads(body)
+            if isinstance(payload, dict) and isinstance(payload.get("key"), str):
+                keys.append(payload["key"])
+    return keys
 
 
 def _load(conn: sqlite3.Connection) -> Loaded:

@@ -13,7 +13,9 @@ import logging
 import math
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import orjson
@@ -22,6 +24,7 @@ from agent import __version__
 from agent.ops.metrics import AgentMetrics
 from agent.upstream.base import UpstreamProvider
 
+ARTIFACTS_API = "/api/2.0/mlflow-artifacts/artifacts/"
 # Looked up (never created) to see whether the upstream answers; a 404 is the expected answer.
 PROBE_EXPERIMENT = "mlflow-agent-reachability-probe"
 log = logging.getLogger("agent.upstream")
@@ -168,6 +171,42 @@ class MlflowRest:
             self._session = None
         await self.provider.stop()
 
+    async def put_artifact(self, path: str, data: Path, content_type: str, size: int) -> None:
+        """Stream one file to ``/api/2.0/mlflow-artifacts/artifacts/<path>``. Raises an UpstreamError subclass."""
+        creds = await self.provider.credentials()
+        url = f"{creds.base_url}{ARTIFACTS_API}{quote(path, safe='/')}"
+        headers = {**creds.headers, "Content-Type": content_type, "Content-Length": str(size)}
+        # No total limit: a large file takes as long as it takes; a stalled connection does not.
+        limit = aiohttp.ClientTimeout(total=None, sock_connect=10.0, sock_read=self._timeout)
+        endpoint = "mlflow-artifacts/artifacts"
+        started = time.monotonic()
+        body = await asyncio.to_thread(data.open, "rb")
+        try:
+            async with self.session.put(url, data=body, headers=headers, timeout=limit,
+                                        allow_redirects=False) as resp:
+                payload = await resp.read()
+                status = resp.status
+                resp_headers = resp.headers
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            self._metrics.upstream_latency.labels(endpoint=endpoint).observe(time.monotonic() - started)
+            reason = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
+            self.health.failed(reason)
+            self._metrics.upstream_requests.labels(endpoint=endpoint, result="network_error").inc()
+            raise TransientError(f"PUT artifact {path}: {reason}") from exc
+        finally:
+            await asyncio.to_thread(body.close)
+        self._metrics.upstream_latency.labels(endpoint=endpoint).observe(time.monotonic() - started)
+        self._metrics.upstream_requests.labels(endpoint=endpoint, result="ok" if status == 200 else str(status)).inc()
+        if status == 200:
+            self.health.answered()
+            return
+        error = classify(status, payload, resp_headers)
+        if status >= 500:
+            self.health.failed(str(error))
+        else:
+            self.health.answered()
+        raise error
+
     async def probe(self, timeout: float) -> None:
         """One cheap read, so that ``upstream_up`` is true for an idle agent too: any HTTP answer (a 404
         included) means reachable. Errors only update the health; nothing is raised."""
@@ -189,8 +228,9 @@ class MlflowRest:
         body: Mapping[str, Any] | None = None,
         params: Mapping[str, str] | None = None,
         timeout: float | None = None,
+        api: str = API,
     ) -> dict[str, Any]:
-        """One JSON call to ``/api/2.0/mlflow/<endpoint>``. Raises an UpstreamError subclass.
+        """One JSON call to ``<api><endpoint>`` (``/api/2.0/mlflow/`` unless told). Raises an UpstreamError subclass.
 
         Without ``timeout`` (uploads) the call waits for a valid credential as long as it takes; with
         one (calls a client is waiting on) the wait counts against it."""
@@ -198,7 +238,7 @@ class MlflowRest:
             creds = await asyncio.wait_for(self.provider.credentials(), timeout)
         except asyncio.TimeoutError:
             raise TransientError(f"{method} {endpoint}: no valid upstream credential yet") from None
-        url = f"{creds.base_url}{API}{endpoint}"
+        url = f"{creds.base_url}{api}{endpoint}"
         headers = dict(creds.headers)
         data: bytes | None = None
         if body is not None:

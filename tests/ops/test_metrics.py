@@ -48,6 +48,9 @@ FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
     "mlflow_agent_credential_refreshes_total": ("counter", frozenset({"source", "result"})),
     "mlflow_agent_credential_expiry_timestamp_seconds": ("gauge", frozenset()),
     "mlflow_agent_build_info": ("gauge", frozenset({"version", "python", "implementation"})),
+    "mlflow_agent_artifacts_total": ("counter", frozenset({"result"})),
+    "mlflow_agent_artifact_bytes_total": ("counter", frozenset({"result"})),
+    "mlflow_agent_artifacts_buffered_bytes": ("gauge", frozenset()),
     # Registered by the datagram source, with a sample only while a UDP socket is open.
     "mlflow_agent_udp_kernel_drops_total": ("counter", frozenset()),
 }

@@ -61,8 +61,10 @@ def test_provisional_ids_are_translated_in_proxied_calls(mlflow_server_factory: 
     exp_id = client.create_experiment(experiment_name)
     run_id = client.create_run(exp_id).info.run_id  # provisional: nothing listens upstream
     client.log_metric(run_id, "m", 1.5, timestamp=10, step=3)
+    # read-your-writes: the history of a run not created upstream yet comes from the spool
+    assert [(m.value, m.step, m.timestamp) for m in client.get_metric_history(run_id, "m")] == [(1.5, 3, 10)]
     with pytest.raises(Exception, match="503"):
-        client.get_metric_history(run_id, "m")
+        client.search_runs([exp_id])  # a forwarded read: the upstream must answer it
     server = mlflow_server_factory(port=port)  # type: ignore[operator]
     agent.wait_drained(timeout=120)
     history = client.get_metric_history(run_id, "m")  # provisional id in the query, translated
