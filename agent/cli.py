@@ -194,12 +194,17 @@ def _status(args: argparse.Namespace) -> int:
 
 
 async def _offline_status(spool_dir: Path) -> dict[str, Any]:
+    from agent.spool.artifacts import ArtifactStore
     from agent.spool.store import Spool
 
     spool = Spool(spool_dir, max_bytes=1 << 62)
     loaded = await spool.open()
-    dead = await spool.dead_letters(20)
-    await spool.close()
+    try:
+        dead = await spool.dead_letters(20)
+        artifacts = ArtifactStore(spool_dir, max_bytes=1 << 62)
+        await artifacts.open()  # under the spool's lock: no agent is using the directory
+    finally:
+        await spool.close()
     runs: dict[str, dict[str, int]] = {}
     for p in loaded.pending:
         runs.setdefault(p.run, {})
@@ -209,6 +214,7 @@ async def _offline_status(spool_dir: Path) -> dict[str, Any]:
         "buffered_records": sum(p.items for p in loaded.pending),
         "runs": [{"run_id": r, "pending": k} for r, k in sorted(runs.items())],
         "dead_letters": {"total": loaded.dead_letters, "recent": dead},
+        "artifacts": {"waiting": len(artifacts.pending()), "bytes": artifacts.charged_bytes},
     }
 
 
@@ -245,6 +251,9 @@ def _render_status(status: dict[str, Any]) -> str:
         lines.append(f"  run {run['run_id']}{name}: {pending}{done}")
     if status.get("runs_omitted"):
         lines.append(f"  ... and {status['runs_omitted']} more idle run(s) (see --json)")
+    artifacts = status.get("artifacts")
+    if artifacts and artifacts.get("waiting"):
+        lines.append(f"artifacts: {artifacts['waiting']} file(s), {artifacts.get('bytes', 0)} bytes waiting for upload")
     totals = status.get("totals")
     if totals:
         lines.append("totals:    " + ", ".join(f"{k} {int(v)}" for k, v in sorted(totals.items())))

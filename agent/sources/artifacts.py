@@ -83,12 +83,14 @@ class ArtifactsApi:
         })
 
     async def listing(self, request: web.Request) -> web.StreamResponse:
-        directory = unquote(request.query.get("path", "")).strip("/")
+        directory = request.query.get("path", "").strip("/")  # aiohttp has decoded it already
         if directory:
             try:
                 check_artifact_path(directory)
             except ArtifactPathError as exc:
                 return error_response(MlflowApiError("INVALID_PARAMETER_VALUE", f"mlflow-agent: {exc}"))
+        if directory and self.store.latest(directory) is not None:
+            return json_response({})  # a file, not a folder: what MLflow answers (the client asks before downloads)
         local = self.store.children(directory)
         if not local:
             return await self.forward(request)
@@ -100,7 +102,9 @@ class ArtifactsApi:
             if artifact is None:
                 files.setdefault(name, {"path": name, "is_dir": True})
             else:
-                files[name] = {"path": name, "is_dir": False, "file_size": artifact.size}
+                files[name] = {"path": name, "is_dir": False}
+                if artifact.size:  # proto2 as the server writes it: a zero size is left out
+                    files[name]["file_size"] = artifact.size
         return json_response({"files": sorted(files.values(), key=lambda f: f["path"])})
 
     async def _upstream_listing(self, target: str) -> dict[str, dict[str, Any]]:

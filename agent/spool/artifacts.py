@@ -111,6 +111,8 @@ class ArtifactStore:
                 manifest.unlink(missing_ok=True)
                 continue
             out.append(artifact)
+        for half_written in ready.glob("*.json.tmp"):  # a manifest the crash interrupted: its data goes below
+            half_written.unlink(missing_ok=True)
         for data_file in ready.glob("*.data"):  # a data file whose manifest never got written
             if not data_file.with_suffix(".json").exists():
                 data_file.unlink(missing_ok=True)
@@ -197,6 +199,8 @@ class ArtifactStore:
 
     async def wait_empty(self, timeout: float) -> bool:
         """Wait until nothing waits for upload, for up to ``timeout`` seconds; whether that happened."""
+        if self._empty.is_set():
+            return True
         try:
             await asyncio.wait_for(self._empty.wait(), max(timeout, 0.0))
         except asyncio.TimeoutError:

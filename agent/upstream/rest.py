@@ -178,34 +178,12 @@ class MlflowRest:
         headers = {**creds.headers, "Content-Type": content_type, "Content-Length": str(size)}
         # No total limit: a large file takes as long as it takes; a stalled connection does not.
         limit = aiohttp.ClientTimeout(total=None, sock_connect=10.0, sock_read=self._timeout)
-        endpoint = "mlflow-artifacts/artifacts"
-        started = time.monotonic()
         body = await asyncio.to_thread(data.open, "rb")
         try:
-            async with self.session.put(url, data=body, headers=headers, timeout=limit,
-                                        allow_redirects=False) as resp:
-                payload = await resp.read()
-                status = resp.status
-                resp_headers = resp.headers
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            self._metrics.upstream_latency.labels(endpoint=endpoint).observe(time.monotonic() - started)
-            reason = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
-            self.health.failed(reason)
-            self._metrics.upstream_requests.labels(endpoint=endpoint, result="network_error").inc()
-            raise TransientError(f"PUT artifact {path}: {reason}") from exc
+            await self._request("PUT", url, "mlflow-artifacts/artifacts", f"PUT artifact {path}", data=body,
+                                headers=headers, timeout=limit)
         finally:
             await asyncio.to_thread(body.close)
-        self._metrics.upstream_latency.labels(endpoint=endpoint).observe(time.monotonic() - started)
-        self._metrics.upstream_requests.labels(endpoint=endpoint, result="ok" if status == 200 else str(status)).inc()
-        if status == 200:
-            self.health.answered()
-            return
-        error = classify(status, payload, resp_headers)
-        if status >= 500:
-            self.health.failed(str(error))
-        else:
-            self.health.answered()
-        raise error
 
     async def probe(self, timeout: float) -> None:
         """One cheap read, so that ``upstream_up`` is true for an idle agent too: any HTTP answer (a 404
@@ -245,10 +223,24 @@ class MlflowRest:
             data = orjson.dumps(body)
             headers["Content-Type"] = "application/json"
         limit = aiohttp.ClientTimeout(total=timeout or self._timeout, sock_connect=min(10.0, timeout or 10.0))
+        payload = await self._request(method, url, endpoint, f"{method} {endpoint}", data=data, params=params,
+                                      headers=headers, timeout=limit)
+        if not payload.strip():
+            return {}
+        try:
+            parsed = orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            raise TransientError(f"{method} {endpoint}: answer is not JSON") from exc
+        return parsed if isinstance(parsed, dict) else {}
+
+    async def _request(self, method: str, url: str, endpoint: str, what: str, *, data: Any,
+                       headers: Mapping[str, str], timeout: aiohttp.ClientTimeout,
+                       params: Mapping[str, str] | None = None) -> bytes:
+        """One request: the body of a 200, else the classified error; health and metrics kept either way."""
         started = time.monotonic()
         try:
             async with self.session.request(method, url, data=data, params=params, headers=headers,
-                                            timeout=limit, allow_redirects=False) as resp:
+                                            timeout=timeout, allow_redirects=False) as resp:
                 payload = await resp.read()
                 status = resp.status
                 resp_headers = resp.headers
@@ -257,18 +249,12 @@ class MlflowRest:
             reason = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
             self.health.failed(reason)
             self._metrics.upstream_requests.labels(endpoint=endpoint, result="network_error").inc()
-            raise TransientError(f"{method} {endpoint}: {reason}") from exc
+            raise TransientError(f"{what}: {reason}") from exc
         self._metrics.upstream_latency.labels(endpoint=endpoint).observe(time.monotonic() - started)
         if status == 200:
             self.health.answered()
             self._metrics.upstream_requests.labels(endpoint=endpoint, result="ok").inc()
-            if not payload.strip():
-                return {}
-            try:
-                parsed = orjson.loads(payload)
-            except orjson.JSONDecodeError as exc:
-                raise TransientError(f"{method} {endpoint}: answer is not JSON") from exc
-            return parsed if isinstance(parsed, dict) else {}
+            return payload
         error = classify(status, payload, resp_headers)
         if status >= 500:
             self.health.failed(str(error))
