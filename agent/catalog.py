@@ -39,6 +39,8 @@ class RunEntry:
     tags: dict[str, str] = field(default_factory=dict)
     # latest value per metric key, ordered as MLflow orders "latest": (step, timestamp, value)
     metrics: dict[str, tuple[int, int, float, MetricValue]] = field(default_factory=dict)
+    # Whether the latest values of points still in the spool were read back after a restart.
+    metrics_recalled: bool = False
     # True when params and tags are known in full (the agent created the run or read it upstream)
     complete: bool = False
 

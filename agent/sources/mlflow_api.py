@@ -115,6 +115,7 @@ class MlflowApi:
             "experiments/get-by-name": self.get_experiment_by_name,
             "experiments/get": self.get_experiment,
         }
+        post["logged-models/search"] = self.search_logged_models
         for prefix in ("/api/2.0/mlflow/", "/ajax-api/2.0/mlflow/"):
             for path, handler in post.items():
                 app.router.add_post(prefix + path, self._guard(path, handler))
@@ -388,13 +389,13 @@ class MlflowApi:
         entry = self.catalog.run(run_id)
         upstream_id = self.catalog.upstream_run_id(run_id)
         if self.rest is None or upstream_id is None or (entry is not None and self.rest.health.known_down):
-            return self._local_run(run_id, entry)
+            return await self._local_run(run_id, entry)
         answer = await self._ask_upstream("GET", "runs/get", params={"run_id": upstream_id})
         if answer is None:
-            return self._local_run(run_id, entry)
+            return await self._local_run(run_id, entry)
         run = answer.get("run")
         if not isinstance(run, dict) or not isinstance(run.get("info"), dict):
-            return self._local_run(run_id, entry)
+            return await self._local_run(run_id, entry)
         if entry is None:
             entry = self._entry_from_upstream(run_id, run)
             await self.spool.write_catalog(self._entry_writes(entry))
@@ -406,6 +407,7 @@ class MlflowApi:
         if info.get("lifecycle_stage") == "deleted":
             entry.info["lifecycle_stage"] = "deleted"
         if self.ledger.run_items(run_id):
+            await self._recall_metrics(entry)
             # Writes not uploaded yet: the run's own fields as the client last set them, and its data.
             for key in ("status", "end_time", "run_name"):
                 if entry.info.get(key) is not None:
@@ -473,12 +475,36 @@ class MlflowApi:
                 return points
         raise unavailable(f"mlflow-agent: the history of {key!r} has more than {_MAX_HISTORY_PAGES} pages upstream")
 
-    def _local_run(self, run_id: str, entry: RunEntry | None) -> web.Response:
+    async def search_logged_models(self, request: web.Request) -> web.StreamResponse:
+        """Experiments not created upstream yet hold no logged models: answered here (the client asks
+        before listing a run's artifacts), so artifact reads work during an outage. Anything else goes on."""
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            body = None
+        ids = body.get("experiment_ids") if isinstance(body, dict) else None
+        if isinstance(ids, list) and ids and all(
+                isinstance(i, str) and self.catalog.upstream_experiment_id(i) is None for i in ids):
+            return json_response({"models": []})
+        if self.forward is None:
+            raise unavailable("mlflow-agent runs offline: logged models need an upstream")
+        return await self.forward(request)
+
+    async def _local_run(self, run_id: str, entry: RunEntry | None) -> web.Response:
         if entry is None or entry.info.get("experiment_id") is None:
             if self.rest is None:
                 raise run_not_found(run_id)
             raise unavailable(f"mlflow-agent: the upstream is unreachable and run {run_id} is not known locally")
+        await self._recall_metrics(entry)
         return json_response(self.catalog.run_json(entry))
+
+    async def _recall_metrics(self, entry: RunEntry) -> None:
+        """Latest metric values live in memory; after a restart they are read back from the spool once."""
+        if entry.metrics_recalled or not self.ledger.run_breakdown(entry.run_id).get("metric"):
+            return
+        for key, value, timestamp, step, *_ in await self.spool.buffered_metric_points(entry.run_id, None):
+            self.catalog.note_metric(entry, key, value, timestamp, step)
+        entry.metrics_recalled = True
 
     async def get_experiment_by_name(self, request: web.Request) -> web.Response:
         name = validation.experiment_name(request.query)

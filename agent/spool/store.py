@@ -293,8 +293,9 @@ class Spool:
         """Move everything pending for a run to the dead-letter table (the upstream refuses the run)."""
         return await self._submit(lambda conn: self._dead_letter_run(conn, run, status, error_code, message))
 
-    async def buffered_metric_points(self, run: str, key: str) -> list[list[Any]]:
-        """The ``[key, value, timestamp, step]`` items of one metric still waiting for upload, in order."""
+    async def buffered_metric_points(self, run: str, key: str | None) -> list[list[Any]]:
+        """The ``[key, value, timestamp, step]`` items of one metric (or of all: ``key=None``) still
+        waiting for upload, in order."""
         return await self._submit(lambda conn: _buffered_points(conn, run, key), in_transaction=False)
 
     async def pending_tag_deletes(self, run: str) -> list[str]:
@@ -734,7 +735,7 @@ def _read_run(conn: sqlite3.Connection, run: str, limit: int) -> list[Row]:
     return out
 
 
-def _buffered_points(conn: sqlite3.Connection, run: str, key: str) -> list[list[Any]]:
+def _buffered_points(conn: sqlite3.Connection, run: str, key: str | None) -> list[list[Any]]:
     out: list[list[Any]] = []
     for done, body in conn.execute(
         "SELECT done, body FROM records WHERE run = ? AND kind = ? ORDER BY seq", (run, int(Kind.METRICS))
@@ -745,7 +746,8 @@ def _buffered_points(conn: sqlite3.Connection, run: str, key: str) -> list[list[
             continue  # a damaged row: the uploader dead-letters it
         if isinstance(items, list):
             # [key, value, timestamp, step] plus, for points logged with a model or dataset, a dict of those
-            out.extend(item for item in items[done:] if isinstance(item, list) and len(item) >= 4 and item[0] == key)
+            out.extend(item for item in items[done:]
+                       if isinstance(item, list) and len(item) >= 4 and (key is None or item[0] == key))
     return out
 
 

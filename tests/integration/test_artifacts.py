@@ -73,8 +73,8 @@ def tree_digests(root: Path) -> dict[str, str]:
 def listing(client: MlflowClient, run_id: str, path: str | None = None) -> Listing:
     """Every entry under ``path``, recursively, as (path, is_dir, file_size), through the run's
     mlflow-artifacts repository (what ``download_artifacts`` walks). ``MlflowClient.list_artifacts`` with a
-    path would also search logged models (``logged-models/search``), which the agent does not answer
-    during an outage (see test_client_list_artifacts_with_a_path_during_an_outage)."""
+    path also searches logged models (``logged-models/search``): see
+    test_client_list_artifacts_with_a_path_during_an_outage."""
     from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
 
     repo = MlflowArtifactsRepository(client.get_run(run_id).info.artifact_uri, tracking_uri=client.tracking_uri)
@@ -433,9 +433,6 @@ def test_listing_a_locally_held_file_during_an_outage(*, agent_factory: AgentFac
     assert answer.json().get("files", []) == []
 
 
-@pytest.mark.xfail(strict=True, reason="agent gap: MlflowClient.list_artifacts(run, path) also calls "
-                   "POST /api/2.0/mlflow/logged-models/search, which the agent forwards (503 while the upstream is "
-                   "down), so it fails after the client's retries (~35 s by default) during an outage")
 def test_client_list_artifacts_with_a_path_during_an_outage(*, agent_factory: AgentFactory, experiment_name: str,
                                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail at once instead of after ~35 s

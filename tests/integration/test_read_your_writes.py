@@ -568,8 +568,6 @@ def test_history_of_a_provisional_run_survives_sigkill(agent_factory: AgentFacto
     assert user_tags(run.data.tags) == {"stage": "train"}
 
 
-@pytest.mark.xfail(strict=True, reason="agent bug: Catalog.load restores params and tags but not the latest "
-                                       "metrics (RunEntry.metrics), so runs/get after a restart has no metrics")
 def test_latest_metrics_of_a_provisional_run_survive_sigkill(agent_factory: AgentFactory,
                                                             experiment_name: str) -> None:
     agent, run_id, points = _crash_with_points_spooled(agent_factory, experiment_name)
