@@ -76,7 +76,7 @@ class ArtifactsApi:
         artifact = self.store.latest(path)
         if artifact is None:
             return await self.forward(request)
-        name = path.rsplit("/", 1)[-1]
+        name = path.rsplit("/", 1)[-1].replace('"', "'")  # control characters never get this far
         return web.FileResponse(self.store.data_path(artifact), headers={
             "Content-Type": artifact.content_type,
             "Content-Disposition": f'attachment; filename="{name}"',
