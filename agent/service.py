@@ -47,7 +47,7 @@ from agent.upstream.token_sources import TokenCommandSource, TokenFileSource
 from agent.upstream.workspace import ArmResolvedUpstream
 
 if TYPE_CHECKING:
-    from agent.upstream.azureml import AzureWorkspace
+    from agent.upstream.azureml import AzureWorkspace, WorkspaceRef
 
 log = logging.getLogger("agent")
 
@@ -97,7 +97,12 @@ class Agent:
         self.catalog.load(loaded)
         self.dead_letters_at_start = loaded.dead_letters
         if not s.offline:
-            self.rest = MlflowRest(self._provider(), self.metrics, request_timeout=s.request_timeout)
+            workspace: WorkspaceRef | None = None
+            if s.azureml_config is not None:  # a small file, but file I/O: off the event loop
+                from agent.upstream.workspace import read_workspace_config
+
+                workspace = await asyncio.to_thread(read_workspace_config, s.azureml_config)
+            self.rest = MlflowRest(self._provider(workspace), self.metrics, request_timeout=s.request_timeout)
             await self.rest.start()
             retry = RetryPolicy(self.metrics, initial=s.retry_initial_backoff, maximum=s.retry_max_backoff,
                                 deadline=s.retry_deadline, on_auth_error=self._renew_credentials)
@@ -128,7 +133,7 @@ class Agent:
     def azureml(self) -> bool:
         return self.settings.azureml
 
-    def _provider(self) -> UpstreamProvider:
+    def _provider(self, workspace: WorkspaceRef | None = None) -> UpstreamProvider:
         """Where the upstream's credentials come from: a token file, a token command, Azure, or static ones."""
         s = self.settings
         source: TokenSource | None = None
@@ -136,12 +141,12 @@ class Agent:
             source = TokenFileSource(s.token_file)
         elif s.token_command is not None:
             source = TokenCommandSource(s.token_command)
-        if s.azureml_config is not None:
-            from agent.upstream.workspace import CACHE_NAME, ArmWorkspaceLocator, read_workspace_config
+        if workspace is not None:
+            from agent.upstream.workspace import CACHE_NAME, ArmWorkspaceLocator
 
             # No run token here: it cannot call ARM. An explicit token file or command still wins.
             ssl_context = tls_from_env(self.env)
-            locator = ArmWorkspaceLocator(read_workspace_config(s.azureml_config), arm_endpoint=s.azure_arm_endpoint,
+            locator = ArmWorkspaceLocator(workspace, arm_endpoint=s.azure_arm_endpoint,
                                           cache_path=s.spool_dir / CACHE_NAME, ssl=ssl_context)
             inner = RenewingUpstream("", source or self._azure_credential(), self.metrics, ssl_context=ssl_context)
             return ArmResolvedUpstream(inner, locator)
