@@ -16,6 +16,9 @@ fault:
   upstream applied the request but the client never learns it (the idempotency case);
 * ``hang``: read the request and answer nothing for ``hang_seconds``, then reset.
 
+With ``only_paths`` (comma-separated path endings) only the requests whose path ends with one of them
+can get a fault.
+
 Otherwise the request (method, path, query, body, headers but Host and hop-by-hop ones) goes to the
 target and its status, body and headers (content-type, retry-after, ...) come back. An unreachable
 target gives 502. ``GET /__faults`` returns the counts per kind, ``GET /__faults/config`` the current
@@ -110,6 +113,9 @@ class FaultConfig:
     p_hang: float = 0.0
     retry_after: int = 1
     hang_seconds: float = 30.0
+    #: If set, comma-separated path endings: only requests whose path ends with one of them get faults
+    #: (e.g. "runs/log-batch,runs/update" holds uploads back while reads pass).
+    only_paths: str = ""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -159,7 +165,11 @@ class FaultConfig:
             p_hang=float(merged["p_hang"]),
             retry_after=int(merged["retry_after"]),
             hang_seconds=float(merged["hang_seconds"]),
+            only_paths=str(merged["only_paths"]),
         )
+
+    def applies_to(self, path: str) -> bool:
+        return not self.only_paths or any(path.endswith(p.strip()) for p in self.only_paths.split(",") if p.strip())
 
 
 def _reset(request: web.BaseRequest) -> None:
@@ -241,7 +251,8 @@ class ProxyApp:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        fault = self.config.choose(self.rng.random())
+        draw = self.rng.random()  # drawn for every request, so a seed gives the same faults whatever only_paths is
+        fault = self.config.choose(draw) if self.config.applies_to(request.path) else None
         self.counts["requests"] += 1
         if fault is not None:
             self.counts[fault] += 1
@@ -472,8 +483,9 @@ class FaultyProxy:
         data: dict[str, float] = resp.json()
         return data
 
-    def set_faults(self, **settings: float) -> dict[str, float]:
-        """Change settings at run time (``p_503=0, p_hang=0, retry_after=2, ...``); returns the new ones."""
+    def set_faults(self, **settings: float | str) -> dict[str, float]:
+        """Change settings at run time (``p_503=0, p_hang=0, retry_after=2, only_paths="runs/log-batch"``);
+        returns the new ones."""
         resp = self._http.post(f"{self.url}{CONTROL_PATH}", json=settings, timeout=10)
         if resp.status_code != 200:
             raise ValueError(f"proxy refused {settings}: {resp.text}")
