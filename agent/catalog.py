@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.records import MetricValue
-from agent.spool.store import CatalogWrite, ExperimentUpsert, Loaded, RunUpsert
+from agent.spool.store import CatalogWrite, ExperimentUpsert, Loaded, ModelUpsert, RunUpsert
 
 RUN_STATUSES = ("RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED")
 TERMINAL_STATUSES = frozenset({"FINISHED", "FAILED", "KILLED"})
@@ -27,6 +27,11 @@ TERMINAL_STATUSES = frozenset({"FINISHED", "FAILED", "KILLED"})
 def new_id() -> str:
     """A provisional id: the same shape as MLflow's own run ids."""
     return uuid.uuid4().hex
+
+
+def new_model_id() -> str:
+    """A provisional logged model id: the same shape as MLflow's own (``m-`` and 32 hex)."""
+    return f"m-{uuid.uuid4().hex}"
 
 
 @dataclass(slots=True)
@@ -51,6 +56,30 @@ class RunEntry:
     def upsert(self) -> RunUpsert:
         return RunUpsert(self.run_id, self.upstream_id, self.provisional, dict(self.info, complete=self.complete))
 
+    def lineage(self, name: str) -> list[dict[str, Any]]:
+        """What the client logged this lifetime of the run as ``dataset_inputs``, ``model_inputs`` or
+        ``model_outputs`` (client ids), kept in ``info`` so it survives restarts with the run."""
+        value = self.info.get(name)
+        return value if isinstance(value, list) else []
+
+
+@dataclass(slots=True)
+class ModelEntry:
+    """An MLflow 3 logged model created through this agent."""
+
+    model_id: str  # the id the client uses
+    upstream_id: str | None  # None while provisional and not created upstream
+    provisional: bool
+    # experiment_id and source_run_id as the client knows them, name, model_type, status,
+    # creation_timestamp_ms, last_updated_timestamp_ms, artifact_uri
+    info: dict[str, Any]
+    tags: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+
+    def upsert(self) -> ModelUpsert:
+        return ModelUpsert(self.model_id, self.upstream_id, self.provisional,
+                           dict(self.info, tags=self.tags, params=self.params))
+
 
 @dataclass(slots=True)
 class ExperimentEntry:
@@ -68,8 +97,12 @@ class Catalog:
     def __init__(self) -> None:
         self.runs: dict[str, RunEntry] = {}
         self.experiments: dict[str, ExperimentEntry] = {}
+        self.models: dict[str, ModelEntry] = {}
         self._experiment_by_name: dict[str, str] = {}
         self._experiment_by_upstream: dict[str, str] = {}
+        # upstream id -> client id, for provisional runs and models once created upstream
+        self._run_by_upstream: dict[str, str] = {}
+        self._model_by_upstream: dict[str, str] = {}
 
     def load(self, loaded: Loaded) -> None:
         for r in loaded.runs:
@@ -81,6 +114,15 @@ class Catalog:
             )
         for e in loaded.experiments:
             self._put_experiment(ExperimentEntry(e.id, e.upstream_id, e.provisional, e.name, dict(e.info)))
+        for r in loaded.runs:
+            if r.provisional and r.upstream_id is not None:
+                self._run_by_upstream[r.upstream_id] = r.run
+        for m in loaded.models:
+            info = dict(m.info)
+            tags, params = info.pop("tags", {}), info.pop("params", {})
+            self.add_model(ModelEntry(m.id, m.upstream_id, m.provisional, info,
+                                      tags=dict(tags) if isinstance(tags, dict) else {},
+                                      params=dict(params) if isinstance(params, dict) else {}))
 
     # runs -------------------------------------------------------------------------------------
 
@@ -94,6 +136,10 @@ class Catalog:
             return run_id
         return entry.upstream_id
 
+    def client_run_id(self, upstream_id: str) -> str:
+        """The id the client knows for an upstream run id (its provisional id if it has one)."""
+        return self._run_by_upstream.get(upstream_id, upstream_id)
+
     def add_run(self, entry: RunEntry) -> RunUpsert:
         self.runs[entry.run_id] = entry
         return entry.upsert()
@@ -101,6 +147,8 @@ class Catalog:
     def map_run(self, run_id: str, upstream_id: str) -> list[CatalogWrite]:
         entry = self.runs[run_id]
         entry.upstream_id = upstream_id
+        if entry.provisional:
+            self._run_by_upstream[upstream_id] = run_id
         return [entry.upsert()]
 
     def note_metric(self, entry: RunEntry, key: str, value: MetricValue, timestamp: int, step: int) -> None:
@@ -108,6 +156,34 @@ class Catalog:
         current = entry.metrics.get(key)
         if current is None or (step, timestamp, numeric) > current[:3]:
             entry.metrics[key] = (step, timestamp, numeric, value)
+
+    # logged models ----------------------------------------------------------------------------
+
+    def model(self, model_id: str) -> ModelEntry | None:
+        return self.models.get(model_id)
+
+    def upstream_model_id(self, model_id: str) -> str | None:
+        """The upstream id for a client model id; ids the agent never minted are upstream ids."""
+        entry = self.models.get(model_id)
+        if entry is None or not entry.provisional:
+            return model_id
+        return entry.upstream_id
+
+    def client_model_id(self, upstream_id: str) -> str:
+        return self._model_by_upstream.get(upstream_id, upstream_id)
+
+    def add_model(self, entry: ModelEntry) -> ModelUpsert:
+        self.models[entry.model_id] = entry
+        if entry.provisional and entry.upstream_id is not None:
+            self._model_by_upstream[entry.upstream_id] = entry.model_id
+        return entry.upsert()
+
+    def map_model(self, model_id: str, upstream_id: str) -> ModelUpsert:
+        entry = self.models[model_id]
+        entry.upstream_id = upstream_id
+        if entry.provisional:
+            self._model_by_upstream[upstream_id] = model_id
+        return entry.upsert()
 
     # experiments ------------------------------------------------------------------------------
 
@@ -216,7 +292,29 @@ class Catalog:
             data["params"] = [{"key": k, "value": v} for k, v in entry.params.items()]
         if entry.tags:
             data["tags"] = [{"key": k, "value": v} for k, v in entry.tags.items()]
-        return {"run": {"info": self.run_info_json(entry), "data": data, "inputs": {}, "outputs": {}}}
+        inputs: dict[str, Any] = {}
+        for name in ("dataset_inputs", "model_inputs"):
+            if entry.lineage(name):
+                inputs[name] = entry.lineage(name)
+        outputs = {"model_outputs": entry.lineage("model_outputs")} if entry.lineage("model_outputs") else {}
+        return {"run": {"info": self.run_info_json(entry), "data": data, "inputs": inputs, "outputs": outputs}}
+
+    def model_json(self, entry: ModelEntry) -> dict[str, Any]:
+        """``{"model": {"info", "data"}}`` as MLflow's logged-models endpoints answer it."""
+        info: dict[str, Any] = {"model_id": entry.model_id}
+        for key in ("experiment_id", "name", "creation_timestamp_ms", "last_updated_timestamp_ms", "artifact_uri",
+                    "status", "model_type", "source_run_id"):
+            value = entry.info.get(key)
+            if value is not None:
+                info[key] = value
+        info.setdefault("model_type", "")
+        info.setdefault("source_run_id", "")
+        if entry.tags:
+            info["tags"] = [{"key": k, "value": v} for k, v in sorted(entry.tags.items())]
+        data: dict[str, Any] = {}
+        if entry.params:
+            data["params"] = [{"key": k, "value": v} for k, v in entry.params.items()]
+        return {"model": {"info": info, "data": data}}
 
 
 def _sortable(value: MetricValue) -> float:

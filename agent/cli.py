@@ -209,10 +209,17 @@ async def _offline_status(spool_dir: Path) -> dict[str, Any]:
     for p in loaded.pending:
         runs.setdefault(p.run, {})
         runs[p.run][p.kind.label] = runs[p.run].get(p.kind.label, 0) + p.items
+    from agent.records import queued_model
+
+    models = {m.id: m for m in loaded.models}
     return {
         "spool": {"path": str(spool.path), "charged_bytes": sum(p.size for p in loaded.pending)},
         "buffered_records": sum(p.items for p in loaded.pending),
-        "runs": [{"run_id": r, "pending": k} for r, k in sorted(runs.items())],
+        "runs": [{"run_id": r, "pending": k} for r, k in sorted(runs.items()) if queued_model(r) is None],
+        "models": [{"model_id": m, "pending": k, "name": models[m].info.get("name") if m in models else None,
+                    "provisional": m in models and models[m].provisional,
+                    "upstream_id": models[m].upstream_id if m in models else None}
+                   for r, k in sorted(runs.items()) if (m := queued_model(r)) is not None],
         "dead_letters": {"total": loaded.dead_letters, "recent": dead},
         "artifacts": {"waiting": len(artifacts.pending()), "bytes": artifacts.charged_bytes},
     }
@@ -251,6 +258,12 @@ def _render_status(status: dict[str, Any]) -> str:
         lines.append(f"  run {run['run_id']}{name}: {pending}{done}")
     if status.get("runs_omitted"):
         lines.append(f"  ... and {status['runs_omitted']} more idle run(s) (see --json)")
+    for model in status.get("models", []):
+        pending = ", ".join(f"{v} {k}" for k, v in sorted(model.get("pending", {}).items()))
+        name = f" ({model['name']})" if model.get("name") else ""
+        state = "not created upstream yet" if model.get("provisional") and not model.get("upstream_id") else \
+            f"upstream {model.get('upstream_id')}"
+        lines.append(f"  logged model {model['model_id']}{name}: {pending}; {state}")
     artifacts = status.get("artifacts")
     if artifacts and artifacts.get("waiting"):
         lines.append(f"artifacts: {artifacts['waiting']} file(s), {artifacts.get('bytes', 0)} bytes waiting for upload")

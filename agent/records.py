@@ -26,11 +26,25 @@ class Kind(enum.IntEnum):
     TAGS = 4
     DELETE_TAG = 5
     UPDATE_RUN = 6
+    # MLflow 3 logged models: rows in the model's own queue, in the order the client sent them.
+    CREATE_MODEL = 7
+    FINALIZE_MODEL = 8
+    MODEL_TAGS = 9
+    DELETE_MODEL_TAG = 10
+    MODEL_PARAMS = 11
+    # A run's lineage (datasets and models it read, models it produced): queued under the run.
+    LOG_INPUTS = 12
+    LOG_OUTPUTS = 13
 
     @property
     def batchable(self) -> bool:
         """Rows of these kinds are merged into ``log-batch`` calls; the others are barriers."""
         return self in (Kind.METRICS, Kind.PARAMS, Kind.TAGS)
+
+    @property
+    def of_model(self) -> bool:
+        """Rows of these kinds belong to a logged model's queue (see ``model_queue``), not a run's."""
+        return Kind.CREATE_MODEL <= self <= Kind.MODEL_PARAMS
 
     @property
     def label(self) -> str:
@@ -45,9 +59,16 @@ _LABELS = {
     Kind.TAGS: "tag",
     Kind.DELETE_TAG: "tag",
     Kind.UPDATE_RUN: "run_op",
+    Kind.CREATE_MODEL: "model_op",
+    Kind.FINALIZE_MODEL: "model_op",
+    Kind.MODEL_TAGS: "model_op",
+    Kind.DELETE_MODEL_TAG: "model_op",
+    Kind.MODEL_PARAMS: "model_op",
+    Kind.LOG_INPUTS: "run_op",
+    Kind.LOG_OUTPUTS: "run_op",
 }
 
-KIND_LABELS = ("metric", "param", "tag", "run_op")
+KIND_LABELS = ("metric", "param", "tag", "run_op", "model_op")
 
 MetricValue = float | str
 # [key, value, timestamp_ms, step] or [key, value, timestamp_ms, step, extras]
@@ -86,3 +107,18 @@ RUN_ID_TAGS = frozenset({"mlflow.parentRunId"})
 # Set on every run the agent creates upstream: the idempotency key that lets a lost
 # runs/create answer be found again instead of creating a twin run.
 PROVISIONAL_TAG = "mlflow_agent.provisional_run_id"
+# The same for logged models (MLflow's logged-models create has no idempotency key either).
+PROVISIONAL_MODEL_TAG = "mlflow_agent.provisional_model_id"
+# A logged model's rows are queued under "model:<model id>": a colon is never part of a run id
+# (MLflow's run id syntax), so the two kinds of queue cannot collide in the spool.
+_MODEL_QUEUE = "model:"
+
+
+def model_queue(model_id: str) -> str:
+    """The spool queue key (the ``run`` column) of a logged model's rows."""
+    return _MODEL_QUEUE + model_id
+
+
+def queued_model(key: str) -> str | None:
+    """The model id if this queue key is a logged model's, else None (a run's)."""
+    return key[len(_MODEL_QUEUE):] if key.startswith(_MODEL_QUEUE) else None

@@ -27,18 +27,22 @@ from agent.errors import MlflowApiError
 from agent.ops.health import OpsEndpoints
 from agent.ops.metrics import AgentMetrics
 from agent.ops.notify import NOTIFY_VARIABLES, SystemdNotifier
+from agent.records import queued_model
 from agent.sources.artifacts import ArtifactsApi
 from agent.sources.datagram import DatagramSource
 from agent.sources.mlflow_api import MlflowApi, error_response
+from agent.sources.models import ModelsApi
 from agent.sources.proxy import AZUREML_MAX_RESULTS, Proxy
+from agent.sources.run_search import RunSearch
 from agent.spool.artifacts import ArtifactStore
 from agent.spool.ledger import Ledger
 from agent.spool.store import Spool
-from agent.upload.artifacts import ArtifactUploader
+from agent.upload.artifacts import ArtifactSink, ArtifactUploader, AzureArtifactSink, MlflowArtifactSink
 from agent.upload.batcher import AZUREML_LIMITS, MLFLOW_LIMITS
 from agent.upload.resolver import Resolver
 from agent.upload.retry import RetryPolicy
 from agent.upload.uploader import Uploader
+from agent.upstream.azure_artifacts import AzureArtifacts
 from agent.upstream.base import UpstreamProvider
 from agent.upstream.renewing import RenewingUpstream, TokenSource
 from agent.upstream.rest import AuthError, MlflowRest
@@ -109,14 +113,17 @@ class Agent:
             self.resolver = Resolver(self.catalog, self.spool, self.rest, retry)
             self.uploader = Uploader(spool=self.spool, ledger=self.ledger, catalog=self.catalog, rest=self.rest,
                                      resolver=self.resolver, retry=retry, max_in_flight=s.upload_max_in_flight,
-                                     linger=s.upload_linger, limits=AZUREML_LIMITS if self.azureml else MLFLOW_LIMITS)
+                                     linger=s.upload_linger, limits=AZUREML_LIMITS if self.azureml else MLFLOW_LIMITS,
+                                     artifacts=self.artifacts, azureml=self.azureml)
         self.ledger.loaded(loaded.pending)
         artifacts_waiting = await self.artifacts.open()
         if self.uploader is not None:
             await self.uploader.start()
-        if self.rest is not None and not self.azureml:  # Azure ML's artifact path is not buffered yet
-            self.artifact_uploader = ArtifactUploader(store=self.artifacts, rest=self.rest, catalog=self.catalog,
-                                                      retry=retry, metrics=self.metrics)
+        if self.rest is not None:
+            sink: ArtifactSink = (AzureArtifactSink(AzureArtifacts(self.rest), self.catalog) if self.azureml
+                                  else MlflowArtifactSink(self.rest, self.catalog))
+            self.artifact_uploader = ArtifactUploader(store=self.artifacts, sink=sink, retry=retry,
+                                                      metrics=self.metrics)
             await self.artifact_uploader.start()
         if artifacts_waiting:
             log.info("%d artifact file(s) wait for upload", artifacts_waiting)
@@ -181,13 +188,16 @@ class Agent:
         self.api.read_timeout = max(s.request_timeout, 60.0)
         if self.azureml:
             self.api.history_page_size = AZUREML_MAX_RESULTS
+            self.api.azureml = True
         await self.proxy.start()
         ops = OpsEndpoints(self.metrics, self.status, self.readiness, self._refresh_gauges)
         ops.add_routes(app)
         self.api.add_routes(app)
-        if not self.azureml:
-            ArtifactsApi(store=self.artifacts, catalog=self.catalog, metrics=self.metrics, rest=self.rest,
-                         forward=self.proxy.handle, read_timeout=s.create_run_timeout).add_routes(app)
+        ModelsApi(self.api).add_routes(app)
+        RunSearch(self.api).add_routes(app)
+        azure = AzureArtifacts(self.rest) if self.azureml and self.rest is not None else None
+        ArtifactsApi(store=self.artifacts, catalog=self.catalog, metrics=self.metrics, rest=self.rest,
+                     forward=self.proxy.forward_to, read_timeout=s.create_run_timeout, azure=azure).add_routes(app)
         app.router.add_route("*", "/{tail:.*}", self.proxy.handle)
         if s.udp is not None or s.uds is not None:
             self.datagrams = DatagramSource(ingest=self.api.ingest, catalog=self.catalog, metrics=self.metrics,
@@ -394,7 +404,20 @@ class Agent:
         idle = [run for run in known if run not in waiting]
         shown_idle = idle[-_STATUS_IDLE_RUNS:]
         runs = []
-        for run in sorted(waiting) + shown_idle[::-1]:
+        models = []
+        for key in sorted(waiting):
+            model_id = queued_model(key)
+            model = self.catalog.model(model_id) if model_id is not None else None
+            if model_id is not None:
+                models.append({
+                    "model_id": model_id,
+                    "upstream_id": model.upstream_id if model else None,
+                    "provisional": bool(model and model.provisional),
+                    "name": model.info.get("name") if model else None,
+                    "pending": self.ledger.run_breakdown(key),
+                })
+        for run in [k for k in sorted(waiting) if queued_model(k) is None] + [
+                k for k in shown_idle[::-1] if queued_model(k) is None]:
             entry = self.catalog.run(run)
             runs.append({
                 "run_id": run,
@@ -431,6 +454,7 @@ class Agent:
             "oldest_buffered_age_seconds": self._oldest_age(),
             "buffered_by_kind": self.ledger.by_kind(),
             "runs": runs,
+            "models": models,  # logged models with operations waiting for upload
             "runs_omitted": len(idle) - len(shown_idle),  # idle runs beyond the most recent ones shown
             "experiments_pending": [e.name for e in self.catalog.pending_experiments()],
             "dead_letters": {"total": self.dead_letters_at_start + int(totals.get("dead_lettered", 0)), "recent": dead},

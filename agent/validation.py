@@ -316,7 +316,7 @@ def _metric_value(value: object, path: str) -> float | str:
     raise bad_value(value, path)
 
 
-def _int64(value: object, path: str) -> int:
+def int64_field(value: object, path: str) -> int:
     """An int64 field as protobuf-JSON accepts it: number or string, integral, in range."""
     n: int
     if isinstance(value, bool):
@@ -391,7 +391,7 @@ def _run_id_field(body: Mapping[str, Any], *, uuid_is_field: bool = True) -> str
     return v if not from_uuid else ""
 
 
-def _optional_str(body: Mapping[str, Any], name: str) -> str | None:
+def optional_str(body: Mapping[str, Any], name: str) -> str | None:
     """An optional string field; "" means unset, as for the server's proto2 defaults."""
     v = body.get(name)
     if v is None or v == "":
@@ -401,7 +401,7 @@ def _optional_str(body: Mapping[str, Any], name: str) -> str | None:
     return v
 
 
-def _list_field(body: Mapping[str, Any], name: str) -> list[Any]:
+def list_field(body: Mapping[str, Any], name: str) -> list[Any]:
     v = body.get(name)
     if v is None:
         return []
@@ -444,11 +444,11 @@ def log_batch(body: Mapping[str, Any]) -> LogBatch:
     run_id = _run_id_field(body, uuid_is_field=False)
 
     deferred: MlflowApiError | None = None
-    metrics_in = _list_field(body, "metrics")
+    metrics_in = list_field(body, "metrics")
     metrics, deferred = _batch_metrics(metrics_in, deferred)
-    params_in = _list_field(body, "params")
+    params_in = list_field(body, "params")
     params, deferred = _batch_key_values(params_in, "params", deferred)
-    tags_in = _list_field(body, "tags")
+    tags_in = list_field(body, "tags")
     tags, deferred = _batch_key_values(tags_in, "tags", deferred)
 
     if RUN_ID_RE.match(run_id) is None:
@@ -525,7 +525,7 @@ def _batch_metric(m: dict[str, Any], key: Any, value: Any, ts: Any, i: int) -> l
     if ts.__class__ is int and 0 <= ts <= _I64_MAX:
         t = ts
     else:
-        t = _int64(ts, f"metrics[{i}].timestamp")
+        t = int64_field(ts, f"metrics[{i}].timestamp")
         if t < 0:
             raise _negative_timestamp(t, f"metrics[{i}].timestamp", key, v)
     step = m.get("step")
@@ -535,7 +535,7 @@ def _batch_metric(m: dict[str, Any], key: Any, value: Any, ts: Any, i: int) -> l
     elif step.__class__ is int and _I64_MIN <= step <= _I64_MAX:
         s = step
     else:
-        s = _int64(step, f"metrics[{i}].step")
+        s = int64_field(step, f"metrics[{i}].step")
     n = len(m)
     extras = _metric_extras(m, f"metrics[{i}].") if n > 4 or (n == 4 and "step" not in m) else None
     if not known:
@@ -583,9 +583,9 @@ def log_metric(body: Mapping[str, Any]) -> LogBatch:
     ts = body.get("timestamp")
     if ts is None:
         raise missing("timestamp")
-    t = _int64(ts, "timestamp")
+    t = int64_field(ts, "timestamp")
     step = body.get("step")
-    s = 0 if step is None else _int64(step, "step")
+    s = 0 if step is None else int64_field(step, "step")
     extras = _metric_extras(body, "")
     if extras and "model_id" in extras and not is_valid_run_id(run_id):
         raise run_not_found(run_id)  # with a model_id the store looks the run up first
@@ -636,9 +636,9 @@ def delete_tag(body: Mapping[str, Any]) -> tuple[str, str]:
 def update_run(body: Mapping[str, Any]) -> UpdateRun:
     run_id = _run_id_field(body)
     end = body.get("end_time")
-    end_time = None if end is None else _int64(end, "end_time")
+    end_time = None if end is None else int64_field(end, "end_time")
     status = _run_status(body.get("status"))
-    run_name = _optional_str(body, "run_name")
+    run_name = optional_str(body, "run_name")
     if not is_valid_run_id(run_id):
         raise run_not_found(run_id)
     return UpdateRun(run_id, status, end_time, run_name)
@@ -681,11 +681,11 @@ def create_run(body: Mapping[str, Any]) -> CreateRun:
     if exp is not None and not isinstance(exp, str):
         raise bad_value(exp, "experiment_id")
     start = body.get("start_time")
-    start_time = None if start is None else _int64(start, "start_time")
-    run_name = _optional_str(body, "run_name")
-    user_id = _optional_str(body, "user_id")
+    start_time = None if start is None else int64_field(start, "start_time")
+    run_name = optional_str(body, "run_name")
+    user_id = optional_str(body, "user_id")
     tags: list[list[str]] = []
-    for i, t in enumerate(_list_field(body, "tags")):
+    for i, t in enumerate(list_field(body, "tags")):
         if not isinstance(t, dict):
             raise _not_object("tags", i, t)
         key = t.get("key")
@@ -701,7 +701,7 @@ def create_run(body: Mapping[str, Any]) -> CreateRun:
         tags.append([key, value])
 
     if exp:
-        _check_experiment_id(exp)
+        check_experiment_id(exp)
     name_tag = next((v for k, v in tags if k == _RUN_NAME_TAG), None)
     if run_name and name_tag and run_name != name_tag:
         raise invalid(
@@ -727,7 +727,7 @@ def create_run(body: Mapping[str, Any]) -> CreateRun:
     return CreateRun(exp, user_id, run_name, start_time, tags)
 
 
-def _check_experiment_id(exp: str) -> None:
+def check_experiment_id(exp: str) -> None:
     if _EXPERIMENT_ID_RE.match(exp) is None:
         raise invalid(f"Invalid experiment ID '{exp}'. Experiment ID must be a valid integer.")
 
@@ -742,8 +742,8 @@ def create_experiment(body: Mapping[str, Any]) -> CreateExperiment:
         raise missing("name")
     if not isinstance(name, str):
         raise bad_value(name, "name")
-    artifact_location = _optional_str(body, "artifact_location")
-    raw_tags = _list_field(body, "tags")
+    artifact_location = optional_str(body, "artifact_location")
+    raw_tags = list_field(body, "tags")
     if len(name) > MAX_EXPERIMENT_NAME_LENGTH:
         raise _too_long("name", MAX_EXPERIMENT_NAME_LENGTH)
     tags: list[list[str]] = []
@@ -779,5 +779,5 @@ def experiment_id(query: Mapping[str, str]) -> str:
     exp = query.get("experiment_id")
     if not exp:
         raise missing("experiment_id")
-    _check_experiment_id(exp)
+    check_experiment_id(exp)
     return exp

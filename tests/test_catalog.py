@@ -309,3 +309,41 @@ def test_generated_run_names() -> None:
     pattern = re.compile(r"^[a-z]+-[a-z]+-\d{1,3}$")
     assert all(pattern.match(generate_run_name()) for _ in range(100))
 
+
+
+# --- logged models -------------------------------------------------------------------------------
+
+
+def test_models_round_trip_through_the_spools_rows_and_map_both_ways() -> None:
+    from agent.catalog import ModelEntry, new_model_id
+    from agent.spool.store import ModelUpsert
+
+    model_id = new_model_id()
+    assert re.fullmatch(r"m-[0-9a-f]{32}", model_id)
+    catalog = Catalog()
+    entry = ModelEntry(model_id, None, True, {"experiment_id": "1", "name": "model", "status": "LOGGED_MODEL_PENDING",
+                                              "artifact_uri": f"mlflow-artifacts:/1/models/{model_id}/artifacts"},
+                       tags={"t": "1"}, params={"p": "2"})
+    upsert = catalog.add_model(entry)
+    assert upsert == ModelUpsert(model_id, None, True, {**entry.info, "tags": {"t": "1"}, "params": {"p": "2"}})
+    assert catalog.upstream_model_id(model_id) is None
+    mapped = catalog.map_model(model_id, "m-up")
+    assert catalog.upstream_model_id(model_id) == "m-up" and catalog.client_model_id("m-up") == model_id
+    assert catalog.upstream_model_id("m-other") == "m-other"  # not ours: an upstream id
+
+    again = Catalog()
+    again.load(Loaded(models=[mapped]))
+    restored = again.model(model_id)
+    assert restored is not None and (restored.tags, restored.params) == ({"t": "1"}, {"p": "2"})
+    assert again.client_model_id("m-up") == model_id
+    assert again.model_json(restored) == {"model": {
+        "info": {"model_id": model_id, "experiment_id": "1", "name": "model", "status": "LOGGED_MODEL_PENDING",
+                 "artifact_uri": f"mlflow-artifacts:/1/models/{model_id}/artifacts", "model_type": "",
+                 "source_run_id": "", "tags": [{"key": "t", "value": "1"}]},
+        "data": {"params": [{"key": "p", "value": "2"}]}}}
+
+
+def test_a_provisional_runs_upstream_id_maps_back_after_a_restart() -> None:
+    catalog = Catalog()
+    catalog.load(Loaded(runs=[RunUpsert("prov", "up", True, {"experiment_id": "1"})]))
+    assert catalog.client_run_id("up") == "prov" and catalog.client_run_id("other") == "other"

@@ -5,7 +5,8 @@ Loss accounting is one identity, kept by construction and tested::
     received_total = uploaded_total + buffered_records + dead_lettered_total + dropped_total
 
 It holds for every ``kind`` and every ``source`` separately, and so summed over all labels.
-``received`` counts each metric point, param, tag and run operation once when it becomes durable;
+``received`` counts each metric point, param, tag, run operation (create, update, tag deletion, inputs,
+outputs) and logged-model operation (create, finalize, tags, params) once when it becomes durable;
 ``source`` says where it came in (http, udp, uds), and records found in the spool when the agent
 started count as ``source="spool"`` (for all four counters), so the identity holds for one process
 lifetime. ``buffered_records`` is by kind only: add its kinds up to compare with the sums of the
@@ -23,7 +24,7 @@ from agent import __version__
 # The *_created series double the exposition for no use here (the process start time says as much).
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
-KINDS = ("metric", "param", "tag", "run_op")
+KINDS = ("metric", "param", "tag", "run_op", "model_op")
 INGEST_SOURCES = ("http", "udp", "uds")
 # Local work: sub-millisecond for a datagram batch, a few ms for an HTTP write with its fsync.
 _INGEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -107,7 +108,9 @@ class AgentMetrics:
             buckets=_BATCH_BUCKETS, registry=r,
         )
         self.artifacts = Counter(
-            "mlflow_agent_artifacts", "Artifact files by outcome: received (durable), uploaded, dead_lettered.",
+            "mlflow_agent_artifacts",
+            "Artifact files by outcome: received (durable), uploaded, superseded (a later upload of the same path "
+            "came first, so this one was never sent), dead_lettered.",
             ["result"], registry=r,
         )
         self.artifact_bytes = Counter(
@@ -150,7 +153,7 @@ class AgentMetrics:
                 self.received.labels(kind=kind, source=source)
                 self.uploaded.labels(kind=kind, source=source)
                 self.dead_lettered.labels(kind=kind, source=source)
-        for result in ("received", "uploaded", "dead_lettered"):
+        for result in ("received", "uploaded", "superseded", "dead_lettered"):
             self.artifacts.labels(result=result)
         for result in ("received", "uploaded"):
             self.artifact_bytes.labels(result=result)

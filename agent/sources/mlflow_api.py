@@ -20,6 +20,7 @@ import orjson
 from aiohttp import web
 
 from agent import validation
+from agent.artifact_paths import client_artifact_uri, default_run_uri
 from agent.catalog import Catalog, RunEntry, generate_run_name, new_id
 from agent.errors import MlflowApiError, invalid, run_not_active, run_not_found, unavailable
 from agent.ops.metrics import AgentMetrics
@@ -90,8 +91,10 @@ class MlflowApi:
         self.ingest = Ingest(catalog, spool, ledger)
         # Set by the agent: where reads this API does not answer itself go (the proxy).
         self.forward: Handler | None = None
-        # Set by the agent when azureml: the page size Azure accepts for metric history.
+        # Set by the agent when azureml: the page size Azure accepts for metric history, and artifacts
+        # that only the agent can reach (Azure's azureml:// URIs need a plugin the client lacks).
         self.history_page_size = 25_000
+        self.azureml = False
         self.read_timeout = 60.0  # one page of an upstream read the client is waiting on
         # Set by the agent when datagrams are on: commit what was sent before a lifecycle operation.
         self.before_lifecycle: Callable[[], Awaitable[None]] | None = None
@@ -115,12 +118,11 @@ class MlflowApi:
             "experiments/get-by-name": self.get_experiment_by_name,
             "experiments/get": self.get_experiment,
         }
-        post["logged-models/search"] = self.search_logged_models
         for prefix in ("/api/2.0/mlflow/", "/ajax-api/2.0/mlflow/"):
             for path, handler in post.items():
-                app.router.add_post(prefix + path, self._guard(path, handler))
+                app.router.add_post(prefix + path, self.guard(path, handler))
             for path, handler in get.items():
-                app.router.add_get(prefix + path, self._guard(path, handler), allow_head=False)
+                app.router.add_get(prefix + path, self.guard(path, handler), allow_head=False)
         app.router.add_get("/api/3.0/mlflow/server-info", self.server_info, allow_head=False)
 
     async def stop(self) -> None:
@@ -130,7 +132,7 @@ class MlflowApi:
             with contextlib.suppress(BaseException):
                 await task
 
-    def _guard(self, endpoint: str, handler: Handler) -> Handler:
+    def guard(self, endpoint: str, handler: Handler) -> Handler:
         """Turns MlflowApiError into MLflow's error JSON, and storage trouble into a retryable 503."""
 
         timed = endpoint in _LOCAL_WRITES
@@ -159,30 +161,30 @@ class MlflowApi:
 
     # --- writes -------------------------------------------------------------------------------
 
-    async def _body(self, request: web.Request) -> dict[str, Any]:
+    async def read_body(self, request: web.Request) -> dict[str, Any]:
         validation.check_content_type(request.headers.get("Content-Type"))
         return validation.parse_json_object(await request.read())
 
     async def log_batch(self, request: web.Request) -> web.Response:
-        return await self._log(validation.log_batch(await self._body(request)), batch=True)
+        return await self._log(validation.log_batch(await self.read_body(request)), batch=True)
 
     async def log_metric(self, request: web.Request) -> web.Response:
-        return await self._log(validation.log_metric(await self._body(request)), batch=False)
+        return await self._log(validation.log_metric(await self.read_body(request)), batch=False)
 
     async def log_param(self, request: web.Request) -> web.Response:
-        return await self._log(validation.log_param(await self._body(request)), batch=False)
+        return await self._log(validation.log_param(await self.read_body(request)), batch=False)
 
     async def set_tag(self, request: web.Request) -> web.Response:
-        return await self._log(validation.set_tag(await self._body(request)), batch=False)
+        return await self._log(validation.set_tag(await self.read_body(request)), batch=False)
 
     async def _log(self, lb: validation.LogBatch, *, batch: bool) -> web.Response:
-        entry = await self._writable_run(lb.run_id)
+        entry = await self.writable_run(lb.run_id)
         await self.ingest.log(entry, lb, source="http", batch=batch)
         return json_response({})
 
     async def delete_tag(self, request: web.Request) -> web.Response:
-        run_id, key = validation.delete_tag(await self._body(request))
-        entry = await self._writable_run(run_id)
+        run_id, key = validation.delete_tag(await self.read_body(request))
+        entry = await self.writable_run(run_id)
         if self.before_lifecycle is not None:
             await self.before_lifecycle()
         if entry.complete and key not in entry.tags:
@@ -194,8 +196,8 @@ class MlflowApi:
         return json_response({})
 
     async def update_run(self, request: web.Request) -> web.Response:
-        ur = validation.update_run(await self._body(request))
-        entry = await self._writable_run(ur.run_id)
+        ur = validation.update_run(await self.read_body(request))
+        entry = await self.writable_run(ur.run_id)
         if self.before_lifecycle is not None:
             await self.before_lifecycle()
         payload: dict[str, Any] = {}
@@ -215,7 +217,7 @@ class MlflowApi:
             self.ledger.appended(result)
         return json_response({"run_info": self.catalog.run_info_json(entry)})
 
-    async def _writable_run(self, run_id: str) -> RunEntry:
+    async def writable_run(self, run_id: str) -> RunEntry:
         entry = self.catalog.run(run_id) or await self._discover(run_id)
         if entry.deleted:
             raise run_not_active(run_id)
@@ -261,15 +263,23 @@ class MlflowApi:
             entry = self._entry_from_upstream(run_id, answer["run"])
         else:
             entry = RunEntry(run_id, run_id, False, {"experiment_id": None}, complete=False)
-        await self.spool.write_catalog(self._entry_writes(entry))
+        await self.spool.write_catalog(self.entry_writes(entry))
         self.catalog.add_run(entry)
         return entry
+
+    def client_run_uri(self, uri: object, experiment: str | None, run_id: str) -> str | None:
+        """The artifact URI the client is given for a run the upstream described: through the agent
+        whenever the upstream proxies artifacts (or is Azure ML, whose store only the agent reaches)."""
+        if self.azureml or not isinstance(uri, str) or not uri:
+            return default_run_uri(experiment or "0", run_id)
+        return client_artifact_uri(uri, self.catalog, self.rest.base_url if self.rest is not None else None)
 
     def _entry_from_upstream(self, run_id: str, run: dict[str, Any]) -> RunEntry:
         info = dict(run.get("info") or {})
         upstream_id = str(info.get("run_id") or run_id)
         exp = info.get("experiment_id")
         info["experiment_id"] = self.catalog.client_experiment_id(str(exp)) if exp is not None else None
+        info["artifact_uri"] = self.client_run_uri(info.get("artifact_uri"), info["experiment_id"], run_id)
         for key in ("run_id", "run_uuid"):
             info.pop(key, None)
         data = run.get("data") or {}
@@ -277,7 +287,7 @@ class MlflowApi:
         tags = {t["key"]: t.get("value", "") for t in data.get("tags") or [] if isinstance(t, dict)}
         return RunEntry(run_id, upstream_id, False, info, params=params, tags=tags, complete=True)
 
-    def _entry_writes(self, entry: RunEntry) -> list[CatalogWrite]:
+    def entry_writes(self, entry: RunEntry) -> list[CatalogWrite]:
         writes: list[CatalogWrite] = [entry.upsert()]
         writes.extend(ParamPut(entry.run_id, k, v) for k, v in entry.params.items())
         writes.extend(TagPut(entry.run_id, k, v) for k, v in entry.tags.items())
@@ -286,7 +296,7 @@ class MlflowApi:
     # --- runs/create --------------------------------------------------------------------------
 
     async def create_run(self, request: web.Request) -> web.Response:
-        cr = validation.create_run(await self._body(request))
+        cr = validation.create_run(await self.read_body(request))
         experiment = self.catalog.experiment(cr.experiment_id)
         if experiment is not None and experiment.info.get("lifecycle_stage") == "deleted":
             raise invalid(f"The experiment {cr.experiment_id} must be in the 'active' state. "
@@ -300,27 +310,35 @@ class MlflowApi:
         answer = await self._create_upstream_now(provisional_id, cr, run_name, tags, start_time)
         if answer is not None:
             return await self._created_upstream(cr, answer)
-        if _tag(tags, "mlflow.runName") is None:
-            tags.append(["mlflow.runName", run_name])
-        info: dict[str, Any] = {
-            "experiment_id": cr.experiment_id,
-            "run_name": run_name,
-            "user_id": cr.user_id or "",
-            "status": "RUNNING",
-            "start_time": start_time,
-            "artifact_uri": f"mlflow-artifacts:/{cr.experiment_id}/{provisional_id}/artifacts",
-            "lifecycle_stage": "active",
-        }
-        entry = RunEntry(provisional_id, None, True, info, tags={k: v for k, v in tags}, complete=True)
-        payload = {"experiment_id": cr.experiment_id, "user_id": cr.user_id, "run_name": run_name,
-                   "start_time": start_time, "tags": tags}
-        writes = self._entry_writes(entry)
-        result = await self.spool.append([Record(provisional_id, Kind.CREATE_RUN, payload)], writes, source="http")
+        entry, record = self.provisional_run(provisional_id, cr.experiment_id, run_name, user_id=cr.user_id,
+                                             tags=tags, start_time=start_time)
+        result = await self.spool.append([record], self.entry_writes(entry), source="http")
         self.catalog.add_run(entry)
         self.ledger.appended(result)
         log.info("run %s created provisionally (upstream %s)", provisional_id,
                  "not configured" if self.rest is None else "did not answer in time")
         return json_response(self.catalog.run_json(entry))
+
+    @staticmethod
+    def provisional_run(run_id: str, experiment_id: str, run_name: str, *, user_id: str | None,
+                        tags: list[list[str]], start_time: int) -> tuple[RunEntry, Record]:
+        """A run the agent answers for until the uploader creates it upstream: its entry and its create row."""
+        tags = [list(t) for t in tags]
+        if _tag(tags, "mlflow.runName") is None:
+            tags.append(["mlflow.runName", run_name])
+        info: dict[str, Any] = {
+            "experiment_id": experiment_id,
+            "run_name": run_name,
+            "user_id": user_id or "",
+            "status": "RUNNING",
+            "start_time": start_time,
+            "artifact_uri": default_run_uri(experiment_id, run_id),
+            "lifecycle_stage": "active",
+        }
+        entry = RunEntry(run_id, None, True, info, tags={k: v for k, v in tags}, complete=True)
+        payload = {"experiment_id": experiment_id, "user_id": user_id, "run_name": run_name,
+                   "start_time": start_time, "tags": tags}
+        return entry, Record(run_id, Kind.CREATE_RUN, payload)
 
     async def _create_upstream_now(self, provisional_id: str, cr: validation.CreateRun, run_name: str,
                                    tags: list[list[str]], start_time: int) -> dict[str, Any] | None:
@@ -350,7 +368,7 @@ class MlflowApi:
         except PermanentError as exc:
             raise MlflowApiError(exc.error_code or "BAD_REQUEST", exc.message) from exc
         except asyncio.TimeoutError:
-            self._track(self._late_create(provisional_id, task))
+            self.track(self._late_create(provisional_id, task))
             return None
 
     async def _late_create(self, provisional_id: str, task: asyncio.Task[dict[str, Any] | None]) -> None:
@@ -363,19 +381,22 @@ class MlflowApi:
             return
         entry = self.catalog.run(provisional_id)
         if entry is not None and entry.upstream_id is None:
-            await self.resolver.mapped(provisional_id, str(answer["run"]["info"]["run_id"]))
+            info = answer["run"]["info"]
+            await self.resolver.mapped(provisional_id, str(info["run_id"]), info.get("artifact_uri"))
 
     async def _created_upstream(self, cr: validation.CreateRun, answer: dict[str, Any]) -> web.Response:
         run = answer["run"]
         real_id = str(run["info"]["run_id"])
         entry = self._entry_from_upstream(real_id, run)
         entry.info["experiment_id"] = cr.experiment_id
-        await self.spool.write_catalog(self._entry_writes(entry))
+        entry.info["artifact_uri"] = self.client_run_uri(run["info"].get("artifact_uri"), cr.experiment_id, real_id)
+        await self.spool.write_catalog(self.entry_writes(entry))
         self.catalog.add_run(entry)
         run["info"]["experiment_id"] = cr.experiment_id
+        run["info"]["artifact_uri"] = entry.info["artifact_uri"]
         return json_response(answer)
 
-    def _track(self, coro: Awaitable[None]) -> None:
+    def track(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -390,7 +411,7 @@ class MlflowApi:
         upstream_id = self.catalog.upstream_run_id(run_id)
         if self.rest is None or upstream_id is None or (entry is not None and self.rest.health.known_down):
             return await self._local_run(run_id, entry)
-        answer = await self._ask_upstream("GET", "runs/get", params={"run_id": upstream_id})
+        answer = await self.ask_upstream("GET", "runs/get", params={"run_id": upstream_id})
         if answer is None:
             return await self._local_run(run_id, entry)
         run = answer.get("run")
@@ -398,12 +419,25 @@ class MlflowApi:
             return await self._local_run(run_id, entry)
         if entry is None:
             entry = self._entry_from_upstream(run_id, run)
-            await self.spool.write_catalog(self._entry_writes(entry))
+            await self.spool.write_catalog(self.entry_writes(entry))
             self.catalog.add_run(entry)
+        await self.merged_run(run, entry)
+        return json_response(answer)
+
+    async def merged_run(self, run: dict[str, Any], entry: RunEntry) -> None:
+        """An upstream run (``{"info", "data", "inputs", "outputs"}``) in the client's ids, with the writes
+        this agent holds for it and has not uploaded yet. In place."""
+        run_id = entry.run_id
         info = run["info"]
         info["run_id"] = info["run_uuid"] = run_id
         if entry.info.get("experiment_id") is not None:
             info["experiment_id"] = entry.info["experiment_id"]
+        info["artifact_uri"] = self.client_run_uri(info.get("artifact_uri"), info.get("experiment_id"), run_id)
+        data: dict[str, Any] = run["data"] if isinstance(run.get("data"), dict) else {}
+        for tag in data.get("tags") or []:
+            if isinstance(tag, dict) and tag.get("key") in RUN_ID_TAGS and isinstance(tag.get("value"), str):
+                tag["value"] = self.catalog.client_run_id(tag["value"])
+        reads.merge_lineage(run, entry, self.catalog)
         if info.get("lifecycle_stage") == "deleted":
             entry.info["lifecycle_stage"] = "deleted"
         if self.ledger.run_items(run_id):
@@ -412,11 +446,15 @@ class MlflowApi:
             for key in ("status", "end_time", "run_name"):
                 if entry.info.get(key) is not None:
                     info[key] = entry.info[key]
-            data = run.get("data")
             deleted = await self.spool.pending_tag_deletes(run_id) if self.ledger.run_breakdown(run_id).get(
                 "tag") else []
-            run["data"] = reads.merge_run_data(data if isinstance(data, dict) else {}, entry, deleted)
-        return json_response(answer)
+            run["data"] = reads.merge_run_data(data, entry, deleted)
+
+    async def local_run(self, entry: RunEntry) -> dict[str, Any]:
+        """What the agent knows of a run, in ``runs/get``'s shape (latest metric values read back)."""
+        await self._recall_metrics(entry)
+        run: dict[str, Any] = self.catalog.run_json(entry)["run"]
+        return run
 
     async def get_metric_history(self, request: web.Request) -> web.StreamResponse:
         """Read-your-writes for metric history: the upstream's points plus those still in the spool.
@@ -464,7 +502,7 @@ class MlflowApi:
             params = {"run_id": upstream_id, "metric_key": key, "max_results": str(self.history_page_size)}
             if token:
                 params["page_token"] = token
-            answer = await self._ask_upstream("GET", "metrics/get-history", params=params, timeout=self.read_timeout)
+            answer = await self.ask_upstream("GET", "metrics/get-history", params=params, timeout=self.read_timeout)
             if answer is None:
                 return None
             page = answer.get("metrics")
@@ -474,21 +512,6 @@ class MlflowApi:
             if token is None:
                 return points
         raise unavailable(f"mlflow-agent: the history of {key!r} has more than {_MAX_HISTORY_PAGES} pages upstream")
-
-    async def search_logged_models(self, request: web.Request) -> web.StreamResponse:
-        """Experiments not created upstream yet hold no logged models: answered here (the client asks
-        before listing a run's artifacts), so artifact reads work during an outage. Anything else goes on."""
-        try:
-            body = orjson.loads(await request.read())
-        except orjson.JSONDecodeError:
-            body = None
-        ids = body.get("experiment_ids") if isinstance(body, dict) else None
-        if isinstance(ids, list) and ids and all(
-                isinstance(i, str) and self.catalog.upstream_experiment_id(i) is None for i in ids):
-            return json_response({"models": []})
-        if self.forward is None:
-            raise unavailable("mlflow-agent runs offline: logged models need an upstream")
-        return await self.forward(request)
 
     async def _local_run(self, run_id: str, entry: RunEntry | None) -> web.Response:
         if entry is None or entry.info.get("experiment_id") is None:
@@ -512,7 +535,7 @@ class MlflowApi:
         if local is not None and local.provisional:
             return json_response({"experiment": self.catalog.experiment_json(local)})
         if self.rest is not None and not self.rest.health.known_down:
-            answer = await self._ask_upstream("GET", "experiments/get-by-name", params={"experiment_name": name})
+            answer = await self.ask_upstream("GET", "experiments/get-by-name", params={"experiment_name": name})
             if answer is not None:
                 await self._remember_experiment(answer.get("experiment"))
                 return json_response(answer)
@@ -521,7 +544,7 @@ class MlflowApi:
         raise MlflowApiError("RESOURCE_DOES_NOT_EXIST", f"Could not find experiment with name '{name}'")
 
     async def create_experiment(self, request: web.Request) -> web.Response:
-        ce = validation.create_experiment(await self._body(request))
+        ce = validation.create_experiment(await self.read_body(request))
         local = self.catalog.experiment_by_name(ce.name)
         if local is not None and local.provisional:
             raise MlflowApiError("RESOURCE_ALREADY_EXISTS", f"Experiment(name={ce.name}) already exists.")
@@ -532,7 +555,7 @@ class MlflowApi:
             if ce.tags:
                 body["tags"] = [{"key": k, "value": v} for k, v in ce.tags]
             # If this create reaches the upstream but its answer does not, the name resolves it later.
-            answer = await self._ask_upstream("POST", "experiments/create", body=body)
+            answer = await self.ask_upstream("POST", "experiments/create", body=body)
             if answer is not None:
                 await self._remember_experiment({"experiment_id": answer.get("experiment_id"), "name": ce.name,
                                                  "lifecycle_stage": "active"})
@@ -549,7 +572,7 @@ class MlflowApi:
         local = self.catalog.experiment(eid)
         upstream_id = self.catalog.upstream_experiment_id(eid)
         if self.rest is not None and upstream_id is not None and not self.rest.health.known_down:
-            answer = await self._ask_upstream("GET", "experiments/get", params={"experiment_id": upstream_id})
+            answer = await self.ask_upstream("GET", "experiments/get", params={"experiment_id": upstream_id})
             if answer is not None:
                 experiment = answer.get("experiment")
                 if isinstance(experiment, dict):
@@ -562,15 +585,15 @@ class MlflowApi:
             raise MlflowApiError("RESOURCE_DOES_NOT_EXIST", f"No Experiment with id={eid} exists")
         raise unavailable(f"mlflow-agent: the upstream is unreachable and experiment {eid} is not known locally")
 
-    async def _ask_upstream(self, method: str, endpoint: str, *, params: dict[str, str] | None = None,
-                            body: dict[str, Any] | None = None, timeout: float | None = None
-                            ) -> dict[str, Any] | None:
+    async def ask_upstream(self, method: str, endpoint: str, *, params: dict[str, str] | None = None,
+                           body: dict[str, Any] | None = None, timeout: float | None = None,
+                           label: str | None = None) -> dict[str, Any] | None:
         """One bounded read-through call: the upstream's answer; its refusal, passed on to the client as
         MLflow's error; or None when it cannot answer in time (the caller answers from what it knows)."""
         assert self.rest is not None
         try:
             return await self.rest.call(method, endpoint, params=params, body=body,
-                                        timeout=timeout or self.create_run_timeout)
+                                        timeout=timeout or self.create_run_timeout, label=label)
         except PermanentError as exc:
             raise MlflowApiError(exc.error_code or "BAD_REQUEST", exc.message) from exc
         except UpstreamError:

@@ -12,11 +12,13 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict, MultiDict
+from yarl import URL
 
 from agent.catalog import Catalog
 from agent.errors import MlflowApiError, unavailable
@@ -66,14 +68,26 @@ class Proxy:
             self._session = None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        return await self.forward_to(request, None)
+
+    async def forward_to(self, request: web.Request, upstream_path: str | None,
+                         upstream_query: dict[str, str] | None = None) -> web.StreamResponse:
+        """Forward ``request``; to ``upstream_path`` (already in the upstream's ids, unquoted) with
+        ``upstream_query`` if given, else to its own path and query with provisional ids translated."""
         if self.rest is None or self._session is None:
             return error_response(MlflowApiError(
                 "TEMPORARILY_UNAVAILABLE",
                 f"mlflow-agent runs offline (--upstream none): {request.method} {request.path} needs an upstream",
             ))
         try:
-            path = "/".join(self._translate_str(seg) for seg in request.path.split("/"))
-            query = MultiDict((k, self._translate_str(v)) for k, v in request.query.items())
+            if upstream_path is not None:
+                path = quote(upstream_path, safe="/")
+            else:
+                path = "/".join(quote(self._translate_str(seg), safe="") for seg in request.path.split("/"))
+            if upstream_query is not None:
+                query = MultiDict(upstream_query)
+            else:
+                query = MultiDict((k, self._translate_str(v)) for k, v in request.query.items())
             if self.azureml and request.path.endswith("/metrics/get-history"):
                 _cap_page_size(query, AZUREML_MAX_RESULTS)
             data: Any = None
@@ -93,16 +107,16 @@ class Proxy:
         if request.content_length is not None and not isinstance(data, bytes):
             headers["Content-Length"] = str(request.content_length)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.read_timeout)
-        url = creds.base_url + path
+        url = URL(creds.base_url + path, encoded=True)  # each segment quoted above
         try:
             async with self._session.request(request.method, url, params=query, data=data, headers=headers,
                                              timeout=timeout, allow_redirects=False) as upstream:
                 if self.azureml and upstream.status == 404 and "/logged-models" in request.path:
                     return error_response(MlflowApiError(
                         "ENDPOINT_NOT_FOUND",
-                        "Azure ML's MLflow endpoint does not implement MLflow 3 logged models "
-                        "(/api/2.0/mlflow/logged-models answers 404). Log the model as run artifacts instead, "
-                        "e.g. mlflow.<flavor>.save_model(...) then mlflow.log_artifacts(path, 'model').",
+                        "Azure ML's MLflow endpoint does not implement MLflow 3 logged models (/api/2.0/mlflow/"
+                        "logged-models answers 404), and this model was not logged through this mlflow-agent (the "
+                        "models logged through it are answered by it and kept in their runs' artifacts).",
                     ))
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
                 for key, value in upstream.headers.items():
@@ -154,6 +168,7 @@ def _translate(value: str, catalog: Catalog) -> str:
     lookups: tuple[tuple[dict[str, Any], Callable[[str], str | None]], ...] = (
         (catalog.runs, catalog.upstream_run_id),
         (catalog.experiments, catalog.upstream_experiment_id),
+        (catalog.models, catalog.upstream_model_id),
     )
     for table, to_upstream in lookups:
         entry = table.get(value)

@@ -11,7 +11,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from agent.catalog import RunEntry
+from agent.catalog import Catalog, RunEntry
 from agent.records import MetricValue
 
 # MLflow's SQL store keeps ±inf as the largest finite doubles: the same point, once uploaded.
@@ -85,3 +85,34 @@ def merge_run_data(data: Mapping[str, Any], entry: RunEntry, deleted_tags: Itera
         else:
             out.pop(name, None)  # proto2: an empty repeated field is left out
     return out
+
+
+def merge_lineage(run: dict[str, Any], entry: RunEntry, catalog: Catalog) -> None:
+    """A ``runs/get`` answer's ``inputs`` and ``outputs`` in the client's ids, with what the client logged
+    through this agent that the upstream does not show yet (datasets by name and digest, models by id and
+    step). In place."""
+    inputs = run.get("inputs") if isinstance(run.get("inputs"), dict) else {}
+    outputs = run.get("outputs") if isinstance(run.get("outputs"), dict) else {}
+    assert isinstance(inputs, dict) and isinstance(outputs, dict)
+    for container, name in ((inputs, "model_inputs"), (outputs, "model_outputs")):
+        for item in container.get(name) or []:
+            if isinstance(item, dict) and isinstance(item.get("model_id"), str):
+                item["model_id"] = catalog.client_model_id(item["model_id"])
+
+    def dataset_key(item: Any) -> tuple[Any, Any]:
+        dataset = item.get("dataset") if isinstance(item, dict) else None
+        return (dataset.get("name"), dataset.get("digest")) if isinstance(dataset, dict) else (None, None)
+
+    def model_key(item: Any) -> tuple[Any, Any]:
+        return (item.get("model_id"), int(item.get("step") or 0)) if isinstance(item, dict) else (None, None)
+
+    for container, name, key in ((inputs, "dataset_inputs", dataset_key), (inputs, "model_inputs", model_key),
+                                 (outputs, "model_outputs", model_key)):
+        local = entry.lineage(name)
+        if not local:
+            continue
+        present = list(container.get(name) or [])
+        seen = {key(item) for item in present}
+        present.extend(item for item in local if key(item) not in seen)
+        container[name] = present
+    run["inputs"], run["outputs"] = inputs, outputs

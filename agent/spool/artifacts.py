@@ -75,6 +75,7 @@ class ArtifactStore:
         self.changed = asyncio.Event()  # set when a new artifact is ready (the uploader waits on it)
         self._empty = asyncio.Event()  # set while nothing waits for upload
         self._empty.set()
+        self._left = asyncio.Event()  # set whenever a file stops waiting (uploaded, superseded or dead)
 
     @property
     def charged_bytes(self) -> int:
@@ -177,6 +178,16 @@ class ArtifactStore:
         """Waiting for upload, oldest first."""
         return sorted(self._ready.values(), key=lambda a: a.seq)
 
+    def pending_under(self, prefix: str) -> bool:
+        """Whether any file whose path starts with ``prefix`` waits for upload."""
+        return any(a.path.startswith(prefix) for a in self._ready.values())
+
+    async def wait_settled(self, prefix: str) -> None:
+        """Until no file whose path starts with ``prefix`` waits for upload (each uploaded or dead)."""
+        while self.pending_under(prefix):
+            self._left.clear()
+            await self._left.wait()
+
     def latest(self, path: str) -> Artifact | None:
         """The newest local copy of ``path`` (what a download must return until it is uploaded)."""
         found = [a for a in self._ready.values() if a.path == path]
@@ -209,13 +220,16 @@ class ArtifactStore:
 
     def _forget(self, artifact: Artifact) -> None:
         self._ready.pop(artifact.id, None)
+        self._left.set()
         if not self._ready:
             self._empty.set()
 
     async def dead(self, artifact: Artifact, reason: str) -> None:
-        """The upstream refuses it for good: keep the file and the reason in ``dead/``, out of the queue."""
-        self._forget(artifact)
+        """The upstream refuses it for good: keep the file and the reason in ``dead/``, out of the queue.
+        Forgotten only once the files moved: whoever waits for the queue to empty (the drain) waits for
+        that too, and a stop in between leaves it queued, never half-moved and forgotten."""
         await asyncio.to_thread(self._bury, artifact, reason)
+        self._forget(artifact)
 
     def _bury(self, artifact: Artifact, reason: str) -> None:
         self.dead_dir.mkdir(exist_ok=True, mode=0o700)
@@ -228,9 +242,9 @@ class ArtifactStore:
         (self.directory / "ready" / f"{artifact.id}.json").unlink(missing_ok=True)
 
     async def done(self, artifact: Artifact) -> None:
-        """The upstream has it: forget the local copy."""
-        self._forget(artifact)
+        """The upstream has it: delete the local copy, then forget it (see ``dead``)."""
         await asyncio.to_thread(self._delete, artifact)
+        self._forget(artifact)
 
     def _delete(self, artifact: Artifact) -> None:
         (self.directory / "ready" / f"{artifact.id}.json").unlink(missing_ok=True)

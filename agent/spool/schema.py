@@ -7,7 +7,7 @@ written in the same transactions as the records they explain, so a crash never l
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # auto_vacuum must be chosen before the first table exists: INCREMENTAL lets the agent hand freed
 # pages back to the file system in small steps instead of one long VACUUM.
@@ -15,7 +15,7 @@ CREATE = """
 PRAGMA auto_vacuum = INCREMENTAL;
 CREATE TABLE IF NOT EXISTS records (
     seq   INTEGER PRIMARY KEY AUTOINCREMENT,  -- arrival order, never reused
-    run   TEXT    NOT NULL,                   -- run id as the client knows it
+    run   TEXT    NOT NULL,                   -- queue: a run id as the client knows it, or "model:<model id>"
     kind  INTEGER NOT NULL,                   -- agent.records.Kind
     n     INTEGER NOT NULL,                   -- items in body
     done  INTEGER NOT NULL DEFAULT 0,         -- items already delivered upstream
@@ -45,6 +45,12 @@ CREATE TABLE IF NOT EXISTS experiments (
     name        TEXT NOT NULL,
     info        BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS models (
+    id          TEXT PRIMARY KEY,             -- logged model id the client uses
+    upstream_id TEXT,                         -- NULL while provisional and not yet created upstream
+    provisional INTEGER NOT NULL DEFAULT 0,
+    info        BLOB NOT NULL                 -- orjson: experiment_id, name, source_run_id, status, tags, params, ...
+);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id         INTEGER PRIMARY KEY AUTOINCREMENT,
     run        TEXT    NOT NULL,
@@ -63,6 +69,11 @@ MIGRATIONS: dict[int, str] = {
     1: """
 ALTER TABLE records ADD COLUMN source INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE records ADD COLUMN at REAL NOT NULL DEFAULT 0;
+""",
+    2: """
+CREATE TABLE IF NOT EXISTS models (
+    id TEXT PRIMARY KEY, upstream_id TEXT, provisional INTEGER NOT NULL DEFAULT 0, info BLOB NOT NULL
+);
 """,
 }
 

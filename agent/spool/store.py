@@ -6,7 +6,7 @@ others) and commits once: concurrent requests share a commit. A job's future res
 commit, which is what lets the HTTP source answer "200" only for data that is on disk.
 
 The event loop never touches SQLite; it awaits futures. Counters of what is buffered live on the
-event-loop side (see ``agent.spool.queue``); jobs return the changes they made.
+event-loop side (see ``agent.spool.ledger``); jobs return the changes they made.
 """
 
 from __future__ import annotations
@@ -97,7 +97,15 @@ class TagPut:
     value: str | None  # None deletes the tag
 
 
-CatalogWrite = RunUpsert | ExperimentUpsert | ParamPut | TagPut
+@dataclass(slots=True, frozen=True)
+class ModelUpsert:
+    id: str
+    upstream_id: str | None
+    provisional: bool
+    info: dict[str, Any]
+
+
+CatalogWrite = RunUpsert | ExperimentUpsert | ParamPut | TagPut | ModelUpsert
 
 
 # Records found in the spool when it was opened are labelled with this source for the process's lifetime,
@@ -172,6 +180,7 @@ class Loaded:
     params: dict[str, dict[str, str]] = field(default_factory=dict)
     tags: dict[str, dict[str, str]] = field(default_factory=dict)
     experiments: list[ExperimentUpsert] = field(default_factory=list)
+    models: list[ModelUpsert] = field(default_factory=list)
     dead_letters: int = 0
     quarantined: Path | None = None
 
@@ -298,9 +307,10 @@ class Spool:
         waiting for upload, in order."""
         return await self._submit(lambda conn: _buffered_points(conn, run, key), in_transaction=False)
 
-    async def pending_tag_deletes(self, run: str) -> list[str]:
-        """Keys of the run's tag deletions still waiting for upload."""
-        return await self._submit(lambda conn: _pending_tag_deletes(conn, run), in_transaction=False)
+    async def pending_tag_deletes(self, run: str, kind: Kind = Kind.DELETE_TAG) -> list[str]:
+        """Keys of a run's (or, with ``Kind.DELETE_MODEL_TAG``, a model queue's) tag deletions still
+        waiting for upload."""
+        return await self._submit(lambda conn: _pending_tag_deletes(conn, run, kind), in_transaction=False)
 
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         return await self._submit(lambda conn: _list_dead_letters(conn, limit))
@@ -697,6 +707,11 @@ def _apply_catalog(conn: sqlite3.Connection, writes: list[CatalogWrite]) -> None
                 "INSERT OR REPLACE INTO runs (run, upstream_id, provisional, info) VALUES (?, ?, ?, ?)",
                 (w.run, w.upstream_id, int(w.provisional), orjson.dumps(w.info)),
             )
+        elif isinstance(w, ModelUpsert):
+            conn.execute(
+                "INSERT OR REPLACE INTO models (id, upstream_id, provisional, info) VALUES (?, ?, ?, ?)",
+                (w.id, w.upstream_id, int(w.provisional), orjson.dumps(w.info)),
+            )
         else:
             conn.execute(
                 "INSERT OR REPLACE INTO experiments (id, upstream_id, provisional, name, info) VALUES (?, ?, ?, ?, ?)",
@@ -751,10 +766,10 @@ def _buffered_points(conn: sqlite3.Connection, run: str, key: str | None) -> lis
     return out
 
 
-def _pending_tag_deletes(conn: sqlite3.Connection, run: str) -> list[str]:
+def _pending_tag_deletes(conn: sqlite3.Connection, run: str, kind: Kind) -> list[str]:
     keys: list[str] = []
     for (body,) in conn.execute("SELECT body FROM records WHERE run = ? AND kind = ? ORDER BY seq",
-                                (run, int(Kind.DELETE_TAG))):
+                                (run, int(kind))):
         with contextlib.suppress(orjson.JSONDecodeError):
             payload = orjson.loads(body)
             if isinstance(payload, dict) and isinstance(payload.get("key"), str):
@@ -791,6 +806,8 @@ def _load(conn: sqlite3.Connection) -> Loaded:
         "SELECT id, upstream_id, provisional, name, info FROM experiments"
     ):
         loaded.experiments.append(ExperimentUpsert(eid, upstream_id, bool(provisional), name, orjson.loads(info)))
+    for mid, upstream_id, provisional, info in conn.execute("SELECT id, upstream_id, provisional, info FROM models"):
+        loaded.models.append(ModelUpsert(mid, upstream_id, bool(provisional), orjson.loads(info)))
     loaded.dead_letters = conn.execute("SELECT COALESCE(SUM(n), 0) FROM dead_letters").fetchone()[0]
     return loaded
 

@@ -1,9 +1,11 @@
-"""Provisional ids -> upstream ids: resolving experiments by name and creating runs exactly once.
+"""Provisional ids -> upstream ids: resolving experiments by name, creating runs and logged models
+exactly once.
 
-MLflow has no idempotency key for ``runs/create``. The agent makes its own: every run it creates
-upstream carries the tag ``mlflow_agent.provisional_run_id``; before creating a run again (after a
-lost answer, a crash or a restart) it looks for that tag, so a retry finds the run instead of
-creating a twin. Experiments have unique names, which makes them idempotent by name.
+MLflow has no idempotency key for ``runs/create`` or ``logged-models`` create. The agent makes its own:
+every run it creates upstream carries the tag ``mlflow_agent.provisional_run_id`` (a model,
+``mlflow_agent.provisional_model_id``); before creating one again (after a lost answer, a crash or a
+restart) it searches for that tag, so a retry finds the run or model instead of creating a twin.
+Experiments have unique names, which makes them idempotent by name.
 """
 
 from __future__ import annotations
@@ -13,17 +15,14 @@ import contextlib
 import logging
 from typing import Any
 
+from agent.artifact_paths import UPSTREAM_ROOT, proxied_root
 from agent.catalog import Catalog
-from agent.records import PROVISIONAL_TAG, RUN_ID_TAGS
+from agent.records import PROVISIONAL_MODEL_TAG, PROVISIONAL_TAG, RUN_ID_TAGS
 from agent.spool.store import Spool
 from agent.upload.retry import RetryPolicy
 from agent.upstream.rest import MlflowRest, PermanentError, UpstreamError
 
 log = logging.getLogger("agent.upload")
-
-
-class RunRefNotReady(Exception):
-    """A record names a provisional run that is not created upstream yet."""
 
 
 class Resolver:
@@ -32,7 +31,7 @@ class Resolver:
         self.spool = spool
         self.rest = rest
         self.retry = retry
-        # provisional run id -> the create attempt ingest started (it may still answer late)
+        # provisional run or model id -> the create attempt ingest started (it may still answer late)
         self._attempts: dict[str, asyncio.Task[dict[str, Any] | None]] = {}
         self._experiment_locks: dict[str, asyncio.Lock] = {}
         self._mapped = asyncio.Condition()
@@ -89,15 +88,17 @@ class Resolver:
 
     # runs -------------------------------------------------------------------------------------
 
-    def attempt_create_now(self, run_id: str, body: dict[str, Any]) -> asyncio.Task[dict[str, Any] | None]:
-        """Start the bounded create-run attempt that ingest makes while the client waits.
+    def attempt_create_now(self, client_id: str, body: dict[str, Any], endpoint: str = "runs/create"
+                           ) -> asyncio.Task[dict[str, Any] | None]:
+        """Start the bounded create attempt (of a run, or a logged model) that ingest makes while the
+        client waits.
 
-        The task outlives the client's wait: if the upstream answers late, the run is mapped then,
-        and the uploader (which awaits this task before its own attempt) does not create a twin.
+        The task outlives the client's wait: if the upstream answers late, the id is mapped then, and
+        the uploader (which awaits this task before its own attempt) does not create a twin.
         """
-        task = asyncio.create_task(self._attempt(run_id, body), name=f"create-run-{run_id}")
-        self._attempts[run_id] = task
-        task.add_done_callback(lambda t: self._forget_attempt(run_id, t))
+        task = asyncio.create_task(self._attempt(client_id, endpoint, body), name=f"create-{client_id}")
+        self._attempts[client_id] = task
+        task.add_done_callback(lambda t: self._forget_attempt(client_id, t))
         return task
 
     def _forget_attempt(self, run_id: str, task: asyncio.Task[dict[str, Any] | None]) -> None:
@@ -105,19 +106,19 @@ class Resolver:
         if not task.cancelled():
             task.exception()  # retrieved here; whoever awaits it sees it too
 
-    async def _attempt(self, run_id: str, body: dict[str, Any]) -> dict[str, Any] | None:
+    async def _attempt(self, client_id: str, endpoint: str, body: dict[str, Any]) -> dict[str, Any] | None:
         # A late answer may still arrive after the client was given the provisional id: the request
         # gets its full upstream timeout; only the client's wait is bounded (by the caller).
         try:
-            return await self.rest.call("POST", "runs/create", body=body)
+            return await self.rest.call("POST", endpoint, body=body)
         except PermanentError:
             raise
         except UpstreamError as exc:
-            log.debug("create-run attempt for %s failed: %s", run_id, exc)
+            log.debug("create attempt for %s failed: %s", client_id, exc)
             return None
 
-    async def settle_attempt(self, run_id: str) -> None:
-        task = self._attempts.get(run_id)
+    async def settle_attempt(self, client_id: str) -> None:
+        task = self._attempts.get(client_id)
         if task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(task)
@@ -153,21 +154,91 @@ class Resolver:
         created = await self.rest.call("POST", "runs/create", body=body)
         return str(created["run"]["info"]["run_id"])
 
-    async def mapped(self, run_id: str, upstream_id: str) -> None:
+    async def mapped(self, run_id: str, upstream_id: str, artifact_uri: object = None) -> None:
+        entry = self.catalog.runs[run_id]
+        root = proxied_root(artifact_uri if isinstance(artifact_uri, str) else None, self.rest.base_url)
+        if root is not None:
+            entry.info[UPSTREAM_ROOT] = root
         await self.spool.write_catalog(self.catalog.map_run(run_id, upstream_id))
         async with self._mapped:
             self._mapped.notify_all()
+
+    async def model_mapped(self, model_id: str, upstream_id: str, artifact_uri: object = None) -> None:
+        """A create attempt answered late: the provisional model is the upstream's ``upstream_id``."""
+        entry = self.catalog.models[model_id]
+        root = proxied_root(artifact_uri if isinstance(artifact_uri, str) else None, self.rest.base_url)
+        if root is not None:
+            entry.info[UPSTREAM_ROOT] = root
+        await self.spool.write_catalog([self.catalog.map_model(model_id, upstream_id)])
+        async with self._mapped:
+            self._mapped.notify_all()
+
+    # logged models ----------------------------------------------------------------------------
+
+    async def create_model(self, model_id: str, payload: dict[str, Any]) -> tuple[str, str | None]:
+        """Create a provisional logged model upstream (or find the one an earlier attempt made): its
+        upstream id and its artifact root under the upstream's artifact proxy (None if not proxied)."""
+        await self.settle_attempt(model_id)
+        entry = self.catalog.models[model_id]
+        if entry.upstream_id is not None:
+            root = entry.info.get(UPSTREAM_ROOT)
+            return entry.upstream_id, root if isinstance(root, str) else None
+        experiment = await self.experiment(str(payload["experiment_id"]))
+        body: dict[str, Any] = {"experiment_id": experiment, "name": payload["name"],
+                                "tags": [{"key": k, "value": v} for k, v in payload.get("tags", [])]}
+        source = payload.get("source_run_id")
+        if source:
+            body["source_run_id"] = await self.upstream_run(str(source))
+        if payload.get("model_type"):
+            body["model_type"] = payload["model_type"]
+        if payload.get("params"):
+            body["params"] = [{"key": k, "value": v} for k, v in payload["params"]]
+        if not any(t["key"] == PROVISIONAL_MODEL_TAG for t in body["tags"]):
+            body["tags"].append({"key": PROVISIONAL_MODEL_TAG, "value": model_id})
+        info = await self.retry.run(f"create logged model {model_id}",
+                                    lambda: self._find_or_create_model(model_id, experiment, body))
+        return str(info["model_id"]), proxied_root(info.get("artifact_uri"), self.rest.base_url)
+
+    async def _find_or_create_model(self, model_id: str, experiment: str, body: dict[str, Any]) -> dict[str, Any]:
+        found = await self.rest.call("POST", "logged-models/search", body={
+            "experiment_ids": [experiment],
+            "filter": f"tags.`{PROVISIONAL_MODEL_TAG}` = '{model_id}'",
+            "max_results": 1,
+        })
+        models = found.get("models") or []
+        if models and isinstance(models[0], dict) and isinstance(models[0].get("info"), dict):
+            log.info("logged model %s already exists upstream as %s (an earlier answer was lost)", model_id,
+                     models[0]["info"].get("model_id"))
+            info: dict[str, Any] = models[0]["info"]
+            return info
+        created = await self.rest.call("POST", "logged-models", body=body)
+        created_info: dict[str, Any] = created["model"]["info"]
+        return created_info
+
+    async def upstream_run(self, run_id: str) -> str:
+        """The upstream id of a run, waiting while it is provisional and not created yet (a run whose
+        creation was refused keeps its own id, which the upstream then refuses in turn)."""
+        entry = self.catalog.run(run_id)
+        if entry is None or not entry.provisional:
+            return run_id
+        async with self._mapped:
+            await self._mapped.wait_for(lambda: entry.upstream_id is not None or entry.info.get("abandoned", False))
+        return entry.upstream_id or run_id
+
+    async def upstream_model(self, model_id: str) -> str:
+        """The upstream id of a logged model, waiting while it is provisional and not created yet."""
+        entry = self.catalog.model(model_id)
+        if entry is None or not entry.provisional:
+            return model_id
+        async with self._mapped:
+            await self._mapped.wait_for(lambda: entry.upstream_id is not None or entry.info.get("abandoned", False))
+        return entry.upstream_id or model_id
 
     async def translate_tag(self, key: str, value: str) -> str:
         """Tags whose value is a run id (``mlflow.parentRunId``) must name the upstream run."""
         if key not in RUN_ID_TAGS:
             return value
-        entry = self.catalog.run(value)
-        if entry is None or not entry.provisional:
-            return value
-        async with self._mapped:
-            await self._mapped.wait_for(lambda: entry.upstream_id is not None or entry.info.get("abandoned", False))
-        return entry.upstream_id or value
+        return await self.upstream_run(value)
 
     async def wake_waiters(self) -> None:
         async with self._mapped:

@@ -2,7 +2,8 @@
 in flight per run (order), a bounded number of requests in flight overall.
 
 Per run: create (if provisional) -> params/tags/metrics as log-batch -> runs/update, in arrival
-order; a barrier row is sent only after everything before it landed. A permanent refusal isolates
+order; a barrier row is sent only after everything before it landed. A logged model has a queue of
+its own, worked the same way (its rows are all barriers; see ``agent.upload.models``). A permanent refusal isolates
 the offending items by splitting the batch and dead-letters only those; a refusal of the run itself
 (gone, deleted) dead-letters what is pending for that run. Nothing else ever blocks a run.
 """
@@ -18,10 +19,12 @@ import time
 from typing import Any
 
 from agent.catalog import Catalog
-from agent.records import Kind
+from agent.records import Kind, queued_model
+from agent.spool.artifacts import ArtifactStore
 from agent.spool.ledger import Ledger
 from agent.spool.store import DeadLetter, Row, Spool, SpoolClosed
-from agent.upload.batcher import MLFLOW_LIMITS, Barrier, Limits, LogBatch, next_operation
+from agent.upload.batcher import MLFLOW_LIMITS, Barrier, Limits, LogBatch, Piece, next_operation
+from agent.upload.models import LINEAGE_KINDS, ModelUploads
 from agent.upload.resolver import Resolver
 from agent.upload.retry import RetryPolicy
 from agent.upstream.rest import MlflowRest, PermanentError, UpstreamError
@@ -44,6 +47,8 @@ class Uploader:
         max_in_flight: int,
         linger: float,
         limits: Limits = MLFLOW_LIMITS,
+        artifacts: ArtifactStore | None = None,
+        azureml: bool = False,
     ) -> None:
         self.spool = spool
         self.ledger = ledger
@@ -64,6 +69,10 @@ class Uploader:
         self._last_send: dict[str, float] = {}
         self._params_sent: dict[str, int] = {}  # per run, for upstreams with a per-run cap
         self._param_cap_warned: set[str] = set()
+        # Azure ML: no logged models, so metrics go without their model_id (and dataset) fields.
+        self.azureml = azureml
+        self.models = ModelUploads(catalog=catalog, resolver=resolver, call=self._call, artifacts=artifacts,
+                                   azureml=azureml)
         ledger.subscribe(self.notify)
 
     # lifecycle --------------------------------------------------------------------------------
@@ -170,10 +179,11 @@ class Uploader:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._flush.wait(), self.linger - since)
 
-    async def _call(self, what: str, method: str, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def _call(self, what: str, method: str, endpoint: str, body: dict[str, Any] | None,
+                    label: str | None = None, *, params: dict[str, str] | None = None) -> dict[str, Any]:
         async def once() -> dict[str, Any]:
             async with self._slots:
-                return await self.rest.call(method, endpoint, body=body)
+                return await self.rest.call(method, endpoint, body=body, params=params, label=label)
 
         return await self.retry.run(what, once)
 
@@ -190,6 +200,12 @@ class Uploader:
         payload = row.payload
         assert isinstance(payload, dict)
         try:
+            if row.kind.of_model or row.kind in LINEAGE_KINDS:
+                writes = await self.models.send(run, row)
+                self.ledger.acked(await self.spool.ack({row.seq: 1}, catalog=writes))
+                if row.kind is Kind.CREATE_MODEL:
+                    await self.resolver.wake_waiters()
+                return
             if row.kind is Kind.CREATE_RUN:
                 upstream_id = await self.resolver.create_run(run, payload)
                 entry = self.catalog.runs[run]
@@ -214,7 +230,7 @@ class Uploader:
                         raise
             self.ledger.acked(await self.spool.ack({row.seq: 1}))
         except PermanentError as exc:
-            if row.kind is Kind.CREATE_RUN or _run_refused(exc):
+            if row.kind in (Kind.CREATE_RUN, Kind.CREATE_MODEL) or _run_refused(exc):
                 await self._dead_letter_run(run, exc.status, exc.error_code, exc.message)
             else:
                 letter = DeadLetter(row.seq, payload, 1, exc.status, exc.error_code, exc.message)
@@ -273,8 +289,23 @@ class Uploader:
                 value = await self.resolver.translate_tag(piece.item[0], piece.item[1])
                 if value != piece.item[1]:
                     piece = dataclasses.replace(piece, item=[piece.item[0], value])  # noqa: PLW2901
+            elif piece.kind is Kind.METRICS and len(piece.item) > 4 and isinstance(piece.item[4], dict):
+                piece = await self._translate_extras(piece)  # noqa: PLW2901
             pieces.append(piece)
         return LogBatch(pieces)
+
+    async def _translate_extras(self, piece: Piece) -> Piece:
+        """A metric logged for a model names the upstream's model id (Azure ML: no model fields at all)."""
+        extras = piece.item[4]
+        if self.azureml:
+            return dataclasses.replace(piece, item=piece.item[:4])
+        model_id = extras.get("model_id")
+        if not isinstance(model_id, str):
+            return piece
+        upstream = await self.resolver.upstream_model(model_id)
+        if upstream == model_id:
+            return piece
+        return dataclasses.replace(piece, item=[*piece.item[:4], dict(extras, model_id=upstream)])
 
     async def _deliver(self, run: str, upstream: str, batch: LogBatch, dead: list[DeadLetter]) -> None:
         """Send a batch; on a permanent refusal, bisect to dead-letter exactly the refused items."""
@@ -303,9 +334,10 @@ class Uploader:
     async def _dead_letter_run(self, run: str, status: int | None, code: str | None, message: str) -> None:
         result = await self.spool.dead_letter_run(run, status, code, message)
         self.ledger.acked(result)
-        entry = self.catalog.run(run)
+        model_id = queued_model(run)
+        entry = self.catalog.model(model_id) if model_id is not None else self.catalog.run(run)
         if entry is not None and entry.upstream_id is None:
-            entry.info["abandoned"] = True
+            entry.info["abandoned"] = True  # whoever waits for its upstream id stops waiting
             await self.resolver.wake_waiters()
         count = sum(c.items for c in result.dead)
         log.error("upstream refused run %s: %s; %d record(s) moved to the dead-letter table", run, message, count)

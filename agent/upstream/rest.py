@@ -12,13 +12,14 @@ import email.utils
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from agent import __version__
 from agent.ops.metrics import AgentMetrics
@@ -30,6 +31,7 @@ PROBE_EXPERIMENT = "mlflow-agent-reachability-probe"
 log = logging.getLogger("agent.upstream")
 
 API = "/api/2.0/mlflow/"
+STORAGE_LABEL = "storage"  # requests to blob storage (SAS URLs), in the metrics
 USER_AGENT = f"mlflow-agent/{__version__}"
 _MAX_RETRY_AFTER = 600.0
 
@@ -56,6 +58,13 @@ class AuthError(UpstreamError):
 
 class PermanentError(UpstreamError):
     """Any other 4xx, and 501: the same request will never succeed."""
+
+
+def history_base(mlflow_base_url: str) -> str:
+    """Azure ML's run-history service for a workspace's MLflow base URL (``https://<host>/mlflow/v2.0<scope>``
+    -> ``https://<host>/history/v1.0<scope>``)."""
+    head, sep, scope = mlflow_base_url.partition("/mlflow/v2.0")
+    return f"{head}/history/v1.0{scope}" if sep else mlflow_base_url
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -154,6 +163,9 @@ class MlflowRest:
         self._metrics = self.metrics = metrics
         self._timeout = request_timeout
         self._session: aiohttp.ClientSession | None = None
+        # The upstream's base URL as its credentials last named it (None before the first request):
+        # tells an artifact URI that points at the upstream itself from one that points elsewhere.
+        self.base_url: str | None = None
 
     async def start(self) -> None:
         await self.provider.start()
@@ -174,6 +186,7 @@ class MlflowRest:
     async def put_artifact(self, path: str, data: Path, content_type: str, size: int) -> None:
         """Stream one file to ``/api/2.0/mlflow-artifacts/artifacts/<path>``. Raises an UpstreamError subclass."""
         creds = await self.provider.credentials()
+        self.base_url = creds.base_url
         url = f"{creds.base_url}{ARTIFACTS_API}{quote(path, safe='/')}"
         headers = {**creds.headers, "Content-Type": content_type, "Content-Length": str(size)}
         # No total limit: a large file takes as long as it takes; a stalled connection does not.
@@ -184,6 +197,43 @@ class MlflowRest:
                                 headers=headers, timeout=limit)
         finally:
             await asyncio.to_thread(body.close)
+
+    async def storage(self, method: str, url: str, what: str, *, data: Any = None,
+                      headers: Mapping[str, str] | None = None) -> tuple[int, Mapping[str, str], bytes]:
+        """One request to a storage URL that carries its own authorization (an Azure Blob SAS URL): the
+        agent's credentials are never sent with it. Returns any HTTP answer as it is (storage answers in
+        XML, the caller judges it); raises TransientError when there is no answer."""
+        started = time.monotonic()
+        limit = aiohttp.ClientTimeout(total=None, sock_connect=10.0, sock_read=self._timeout)
+        try:
+            async with self.session.request(method, URL(url, encoded=True), data=data, headers=headers,
+                                            timeout=limit, allow_redirects=False) as resp:
+                payload = await resp.read()
+                status, resp_headers = resp.status, resp.headers
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            self._metrics.upstream_requests.labels(endpoint=STORAGE_LABEL, result="network_error").inc()
+            raise TransientError(f"{what}: {type(exc).__name__}: {exc}".strip().rstrip(":")) from exc
+        finally:
+            self._metrics.upstream_latency.labels(endpoint=STORAGE_LABEL).observe(time.monotonic() - started)
+        self._metrics.upstream_requests.labels(endpoint=STORAGE_LABEL,
+                                               result="ok" if status < 300 else str(status)).inc()
+        return status, resp_headers, payload
+
+    @contextlib.asynccontextmanager
+    async def open_storage(self, url: str, what: str) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A streamed GET of a storage URL (a SAS URL: no credentials sent); raises an UpstreamError
+        subclass unless it answers 200."""
+        limit = aiohttp.ClientTimeout(total=None, sock_connect=10.0, sock_read=self._timeout)
+        try:
+            async with self.session.get(URL(url, encoded=True), timeout=limit, allow_redirects=False) as resp:
+                self._metrics.upstream_requests.labels(endpoint=STORAGE_LABEL, result=str(resp.status)
+                                                       if resp.status != 200 else "ok").inc()
+                if resp.status != 200:
+                    raise classify(resp.status, await resp.read(), resp.headers)
+                yield resp
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            self._metrics.upstream_requests.labels(endpoint=STORAGE_LABEL, result="network_error").inc()
+            raise TransientError(f"{what}: {type(exc).__name__}: {exc}".strip().rstrip(":")) from exc
 
     async def probe(self, timeout: float) -> None:
         """One cheap read, so that ``upstream_up`` is true for an idle agent too: any HTTP answer (a 404
@@ -207,24 +257,30 @@ class MlflowRest:
         params: Mapping[str, str] | None = None,
         timeout: float | None = None,
         api: str = API,
+        label: str | None = None,
+        history: bool = False,
     ) -> dict[str, Any]:
         """One JSON call to ``<api><endpoint>`` (``/api/2.0/mlflow/`` unless told). Raises an UpstreamError subclass.
 
         Without ``timeout`` (uploads) the call waits for a valid credential as long as it takes; with
-        one (calls a client is waiting on) the wait counts against it."""
+        one (calls a client is waiting on) the wait counts against it. ``label`` names the endpoint in
+        the agent's metrics when the path holds ids (``logged-models/<id>``): one series per route.
+        ``history``: an Azure ML workspace's run-history service (``/history/v1.0<scope>/<endpoint>``),
+        next to its MLflow endpoint and with the same credential."""
         try:
             creds = await asyncio.wait_for(self.provider.credentials(), timeout)
         except asyncio.TimeoutError:
             raise TransientError(f"{method} {endpoint}: no valid upstream credential yet") from None
-        url = f"{creds.base_url}{api}{endpoint}"
+        self.base_url = creds.base_url
+        url = f"{history_base(creds.base_url)}/{endpoint}" if history else f"{creds.base_url}{api}{endpoint}"
         headers = dict(creds.headers)
         data: bytes | None = None
         if body is not None:
             data = orjson.dumps(body)
             headers["Content-Type"] = "application/json"
         limit = aiohttp.ClientTimeout(total=timeout or self._timeout, sock_connect=min(10.0, timeout or 10.0))
-        payload = await self._request(method, url, endpoint, f"{method} {endpoint}", data=data, params=params,
-                                      headers=headers, timeout=limit)
+        payload = await self._request(method, url, label or endpoint, f"{method} {endpoint}", data=data,
+                                      params=params, headers=headers, timeout=limit)
         if not payload.strip():
             return {}
         try:

@@ -52,7 +52,7 @@ pytestmark = pytest.mark.integration
 
 AGENT_ARGS = (*FAST_AGENT_FLAGS, "--spool-max-bytes", "1MiB", "--overflow-policy", "drop_oldest",
               "--drain-timeout", "1s")
-KINDS = ("metric", "param", "tag", "run_op")
+KINDS = ("metric", "param", "tag", "run_op", "model_op")
 LOSS = ("received", "uploaded", "dead_lettered", "dropped")
 API = "/api/2.0/mlflow/"
 SETTLE = 60.0  # generous: each wait returns as soon as its condition holds

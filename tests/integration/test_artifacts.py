@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 import pytest
 import requests
 
-from tests.conftest import AgentFactory, MlflowServerFactory
+from tests.conftest import AgentFactory, FaultyProxyFactory, MlflowServerFactory
 from tests.integration.helpers import PROVISIONAL_TAG, all_runs, match_client_runs
 from tests.integration.helpers_faults import FAST_AGENT_FLAGS, run_cli
 from tests.support.agent_process import AgentProcess
@@ -330,12 +330,14 @@ def test_artifacts_logged_during_an_outage_and_after_it(
     status = agent.status()
     assert status["upstream"]["up"] is False, status["upstream"]
     files_down = 1 + 1 + 5 + 2 + 1 + 1  # hello, blob, tree, readme twice, dict, figure
-    assert status["artifacts"]["waiting"] == files_down, status["artifacts"]
+    # The first readme is superseded by the second before anything could be sent: it never will be.
+    assert status["artifacts"]["waiting"] == files_down - 1, status["artifacts"]
     assert metric(agent, "mlflow_agent_artifacts_total", result="received") == files_down
+    assert metric(agent, "mlflow_agent_artifacts_total", result="superseded") == 1
     assert metric(agent, "mlflow_agent_artifacts_total", result="uploaded") == 0
     buffered = metric(agent, "mlflow_agent_artifacts_buffered_bytes")
     assert buffered == status["artifacts"]["bytes"] > 450_000
-    assert metric(agent, "mlflow_agent_artifact_bytes_total", result="received") == buffered
+    assert metric(agent, "mlflow_agent_artifact_bytes_total", result="received") == buffered + len(b"first version")
 
     root = [(p, d) for p, d, _ in listing(client, run_id) if "/" not in p]
     assert root == [("down", True), ("hello.txt", False)]
@@ -354,7 +356,7 @@ def test_artifacts_logged_during_an_outage_and_after_it(
     # -- the upstream comes back: everything arrives byte-identical -----------------------------------------
     server = mlflow_server_factory(port=port)
     wait_artifacts_uploaded(agent, 60)
-    assert metric(agent, "mlflow_agent_artifacts_total", result="uploaded") == files_down
+    assert metric(agent, "mlflow_agent_artifacts_total", result="uploaded") == files_down - 1
     assert metric(agent, "mlflow_agent_artifact_bytes_total", result="uploaded") == buffered
     assert metric(agent, "mlflow_agent_artifacts_buffered_bytes") == 0
     assert metric(agent, "mlflow_agent_artifacts_total", result="dead_lettered") == 0
@@ -367,7 +369,9 @@ def test_artifacts_logged_during_an_outage_and_after_it(
     assert {f"up/{k}": v for k, v in fetched_up.items()} == {k: v for k, v in expected.items() if k.startswith("up/")}
     wait_artifacts_uploaded(agent, 60)
     assert metric(agent, "mlflow_agent_artifacts_total", result="received") == 2 * files_down
-    assert metric(agent, "mlflow_agent_artifacts_total", result="uploaded") == 2 * files_down
+    # With the upstream up the first readme may have been sent before the second arrived, or not.
+    assert metric(agent, "mlflow_agent_artifacts_total", result="uploaded") + metric(
+        agent, "mlflow_agent_artifacts_total", result="superseded") == 2 * files_down
 
     upstream_run = match_client_runs(all_runs(server.url, experiment_name), {"run": run_id})["run"]
     assert upstream_run.data.tags.get(PROVISIONAL_TAG) == run_id
@@ -649,3 +653,74 @@ def test_artifact_budget_refuses_fast_and_keeps_what_fits(
     raw = requests.put(f"{agent.url}{ARTIFACTS_API}/0/{run_id}/artifacts/raw.bin", data=b"x" * 3_000_000,
                        timeout=10)
     assert raw.status_code == 413 and raw.json()["error_code"] == "RESOURCE_EXHAUSTED", raw.text
+
+
+# -- f. what is left at shutdown: the drain and `sync` ------------------------------------------------------
+
+
+def test_sigterm_drains_waiting_artifacts_before_exit(
+    *,
+    mlflow_server: MlflowServer,
+    agent_factory: AgentFactory,
+    faulty_proxy_factory: FaultyProxyFactory,
+    experiment_name: str,
+    tmp_path: Path,
+) -> None:
+    """Files held while the upstream refused everything: it comes back, SIGTERM follows at once, and the
+    drain delivers the files before the agent exits."""
+    proxy = faulty_proxy_factory(mlflow_server, p_503=1.0)
+    agent = agent_factory(proxy, *FAST_AGENT_FLAGS, "--retry-max-backoff", "200ms", "--drain-timeout", "30s")
+    client = client_for(agent.url)
+    run_id = client.create_run(client.create_experiment(experiment_name)).info.run_id
+    digests = {}
+    for i in range(5):
+        digests[f"ckpt/part{i}.bin"] = write_random(tmp_path / f"part{i}.bin", 2 * MiB, seed=10 + i)
+        client.log_artifact(run_id, str(tmp_path / f"part{i}.bin"), "ckpt")
+    assert artifacts_status(agent)["waiting"] == 5
+    proxy.clear_faults()
+    assert agent.stop() == 0  # SIGTERM, then the drain
+    assert spool_artifact_files(agent.spool_dir) == []
+    upstream = match_client_runs(all_runs(mlflow_server.url, experiment_name), {"run": run_id})["run"]
+    got = download_digests(client_for(mlflow_server.url), upstream.info.run_id, tmp_path / "got", "ckpt")
+    assert {f"ckpt/{k}": v for k, v in got.items()} == digests
+
+
+def test_sync_uploads_the_artifacts_and_models_an_offline_agent_kept(
+    *,
+    mlflow_server: MlflowServer,
+    agent_factory: AgentFactory,
+    experiment_name: str,
+    tmp_path: Path,
+) -> None:
+    offline = agent_factory(None, *OFFLINE_FLAGS)
+    client = client_for(offline.url)
+    experiment_id = client.create_experiment(experiment_name)
+    run_id = client.create_run(experiment_id).info.run_id
+    digest = write_random(tmp_path / "weights.bin", 3 * MiB, seed=21)
+    client.log_artifact(run_id, str(tmp_path / "weights.bin"), "ckpt")
+    model = client.create_logged_model(experiment_id, name="kept", source_run_id=run_id)
+    model_file = tmp_path / "MLmodel"
+    model_file.write_text("artifact_path: kept\n")
+    from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
+
+    MlflowArtifactsRepository(model.artifact_location, tracking_uri=offline.url).log_artifact(str(model_file))
+    client.finalize_logged_model(model.model_id, "READY")
+    offline_status = run_cli("status", "--http", f"{LOOPBACK}:{offline.port}", "--json")
+    models = json.loads(offline_status.stdout)["models"]
+    assert [(m["model_id"], m["provisional"]) for m in models] == [(model.model_id, True)], models
+    assert offline.stop() == 0
+    assert len(spool_artifact_files(offline.spool_dir)) == 4  # two files, each with its manifest
+
+    synced = run_cli("sync", "--spool-dir", str(offline.spool_dir), "--upstream", mlflow_server.url, "--timeout",
+                     "90", "--retry-max-backoff", "1s", timeout=150)
+    assert synced.returncode == 0, f"stdout:\n{synced.stdout}\nstderr:\n{synced.stderr}"
+    assert synced.stdout.splitlines()[-1].endswith("dead-lettered 0, left in spool 0"), synced.stdout
+    assert spool_artifact_files(offline.spool_dir) == []
+    direct = client_for(mlflow_server.url)
+    upstream = match_client_runs(all_runs(mlflow_server.url, experiment_name), {"run": run_id})["run"]
+    assert download_digests(direct, upstream.info.run_id, tmp_path / "got", "ckpt") == {"weights.bin": digest}
+    (stored,) = [m for m in direct.search_logged_models([upstream.info.experiment_id])
+                 if m.tags.get("mlflow_agent.provisional_model_id") == model.model_id]
+    assert stored.status.to_proto() == 2 and stored.source_run_id == upstream.info.run_id
+    repo = MlflowArtifactsRepository(stored.artifact_location, tracking_uri=mlflow_server.url)
+    assert [f.path for f in repo.list_artifacts()] == ["MLmodel"]

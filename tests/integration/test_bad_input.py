@@ -344,6 +344,19 @@ CASES: list[Case] = [
                     "tags": [{"key": "mlflow.runName", "value": "rej-b"}]}),
     Case("run-create-in-deleted-experiment", "runs/create",
          lambda s: {"experiment_id": s.deleted_experiment_id, "run_name": "rej-in-deleted-experiment"}),
+    # --- logged models, a run's inputs and outputs ---
+    Case("model-create-no-experiment", "logged-models", lambda s: {"name": "rej-model"}),
+    Case("model-create-experiment-a-number", "logged-models", lambda s: {"experiment_id": 1, "name": "rej-m"}),
+    Case("model-create-experiment-id-format", "logged-models", lambda s: {"experiment_id": "rej id", "name": "rej-m"}),
+    Case("model-create-name-with-slash", "logged-models", lambda s: {"experiment_id": s.experiment_id,
+                                                                      "name": "rej/model"}),
+    Case("model-create-tags-not-a-list", "logged-models", lambda s: {"experiment_id": s.experiment_id,
+                                                                      "name": "rej-m", "tags": "rej"}),
+    Case("outputs-without-models", "runs/outputs", lambda s: {"run_id": s.run_id}),
+    Case("outputs-of-an-unknown-run", "runs/outputs",
+         lambda s: {"run_id": UNKNOWN_RUN, "models": [{"model_id": "m-" + "0" * 32, "step": 0}]}),
+    Case("inputs-without-run-id", "runs/log-inputs", lambda s: {"datasets": []}),
+    Case("inputs-to-a-deleted-run", "runs/log-inputs", lambda s: {"run_id": s.deleted_run_id, "datasets": []}),
 ]
 # fmt: on
 
@@ -362,6 +375,13 @@ DEVIATIONS: list[Case] = [
          lambda s: _batch(s, metrics=[_metric("rej_bad_ts", timestamp="12.5")])),
     Case("step-not-an-int-log-batch", "runs/log-batch",
          lambda s: _batch(s, metrics=[_metric("rej_bad_step", step=1.5)])),
+    # The server stores a dataset without a digest (or source) as "": MLflow's own client refuses it.
+    Case("dataset-without-digest", "runs/log-inputs",
+         lambda s: {"run_id": s.run_id, "datasets": [{"dataset": {"name": "rej-data", "source_type": "code",
+                                                                  "source": "{}"}}]}),
+    # A model tag without a key is stored with key "".
+    Case("model-create-tag-without-key", "logged-models",
+         lambda s: {"experiment_id": s.experiment_id, "name": "rej-m", "tags": [{"value": "rej"}]}),
 ]
 # fmt: on
 

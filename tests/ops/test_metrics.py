@@ -56,7 +56,7 @@ FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
 }
 NEEDS_UDP_SOCKET = frozenset({"mlflow_agent_udp_kernel_drops_total"})
 
-KINDS = ("metric", "param", "tag", "run_op")
+KINDS = ("metric", "param", "tag", "run_op", "model_op")
 INGEST_SOURCES = ("http", "udp", "uds")
 
 _SNAKE = re.compile(r"^[a-z][a-z0-9_]*$")

@@ -130,7 +130,7 @@ async def test_conflicting_run_name_and_tag_is_refused(http: Client) -> None:
 
 
 async def test_proxied_paths_say_offline_and_server_info_keeps_multipart_off(http: Client) -> None:
-    async with http.session.post(http.base + API + "runs/search", json={"experiment_ids": ["0"]}) as r:
+    async with http.session.post(http.base + API + "experiments/search", json={"max_results": 10}) as r:
         assert r.status == 503
         assert (await r.json())["error_code"] == "TEMPORARILY_UNAVAILABLE"
     async with http.session.get(http.base + "/api/3.0/mlflow/server-info") as r:
@@ -183,3 +183,58 @@ async def test_spool_full_with_reject_policy_answers_429_with_retry_after(tmp_pa
             assert agent.ledger.bytes <= settings.spool_max_bytes
     finally:
         await agent.stop()
+
+
+async def test_offline_search_finds_the_runs_held_here(http: Client) -> None:
+    exp_id, run_id = await http.new_run("a")
+    _, other = await http.post("runs/create", {"experiment_id": exp_id, "run_name": "b", "start_time": 2000})
+    await http.post("runs/log-batch", {"run_id": run_id, "metrics": [{"key": "loss", "value": 0.1, "timestamp": 1,
+                                                                       "step": 0}]})
+    status, found = await http.post("runs/search", {"experiment_ids": [exp_id]})
+    assert status == 200
+    assert [r["info"]["run_name"] for r in found["runs"]] == ["b", "a"]  # MLflow's default: newest first
+    status, found = await http.post("runs/search", {"experiment_ids": [exp_id], "filter": "metrics.loss < 1"})
+    assert [r["info"]["run_id"] for r in found["runs"]] == [run_id]
+    status, found = await http.post("runs/search", {"experiment_ids": [exp_id], "filter": "metrics.loss < 0.01"})
+    assert status == 200 and found == {}
+    status, error = await http.post("runs/search", {"experiment_ids": [exp_id], "filter": "metrics.loss <<< 1"})
+    assert status == 400 and error["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert other["run"]["info"]["run_id"] != run_id
+
+
+async def test_offline_logged_models_are_answered_and_kept(http: Client, agent: Agent) -> None:
+    exp_id, run_id = await http.new_run("m")
+    status, created = await http.post("logged-models", {"experiment_id": exp_id, "name": "model",
+                                                        "source_run_id": run_id,
+                                                        "tags": [{"key": "k", "value": "v"}]})
+    assert status == 200, created
+    info = created["model"]["info"]
+    model_id = info["model_id"]
+    assert info["status"] == "LOGGED_MODEL_PENDING" and info["source_run_id"] == run_id
+    assert info["artifact_uri"] == f"mlflow-artifacts:/{exp_id}/models/{model_id}/artifacts"
+    async with http.session.patch(f"{http.base}{API}logged-models/{model_id}",
+                                  json={"model_id": model_id, "status": "LOGGED_MODEL_READY"}) as r:
+        assert r.status == 200 and (await r.json())["model"]["info"]["status"] == "LOGGED_MODEL_READY"
+    async with http.session.patch(f"{http.base}{API}logged-models/{model_id}/tags",
+                                  json={"tags": [{"key": "k2", "value": "v2"}]}) as r:
+        assert r.status == 200
+    async with http.session.delete(f"{http.base}{API}logged-models/{model_id}/tags/k") as r:
+        assert r.status == 200
+    async with http.session.delete(f"{http.base}{API}logged-models/{model_id}/tags/nope") as r:
+        assert r.status == 404 and (await r.json())["error_code"] == "RESOURCE_DOES_NOT_EXIST"
+    assert (await http.post(f"logged-models/{model_id}/params", {"params": [{"key": "p", "value": "1"}]}))[0] == 200
+    status, error = await http.post(f"logged-models/{model_id}/params", {"params": [{"key": "p", "value": "1"}]})
+    assert status == 400 and error["error_code"] == "BAD_REQUEST"  # as MLflow's SQL store answers a repeat
+    assert (await http.post("runs/outputs", {"run_id": run_id, "models": [{"model_id": model_id, "step": 3}]}))[0] \
+        == 200
+    status, got = await http.get(f"logged-models/{model_id}")
+    assert status == 200
+    assert got["model"]["info"]["tags"] == [{"key": "k2", "value": "v2"}]
+    assert got["model"]["data"]["params"] == [{"key": "p", "value": "1"}]
+    status, found = await http.post("logged-models/search", {"experiment_ids": [exp_id], "filter": "name = 'model'"})
+    assert [m["info"]["model_id"] for m in found["models"]] == [model_id]
+    status, run = await http.get("runs/get", run_id=run_id)
+    assert run["run"]["outputs"] == {"model_outputs": [{"model_id": model_id, "step": 3}]}
+    # A create, a finalize, tags, a tag deletion, params: all in the model's own queue.
+    assert agent.ledger.run_breakdown(f"model:{model_id}") == {"model_op": 5}
+    assert agent.ledger.run_breakdown(run_id) == {"run_op": 2}  # its create and its outputs

@@ -63,8 +63,10 @@ def test_provisional_ids_are_translated_in_proxied_calls(mlflow_server_factory: 
     client.log_metric(run_id, "m", 1.5, timestamp=10, step=3)
     # read-your-writes: the history of a run not created upstream yet comes from the spool
     assert [(m.value, m.step, m.timestamp) for m in client.get_metric_history(run_id, "m")] == [(1.5, 3, 10)]
+    # read-your-writes: the experiment exists only here, so a search of it is answered here in full ...
+    assert [r.info.run_id for r in client.search_runs([exp_id])] == [run_id]
     with pytest.raises(Exception, match="503"):
-        client.search_runs([exp_id])  # a forwarded read: the upstream must answer it
+        client.search_experiments()  # ... while a forwarded read needs the upstream
     server = mlflow_server_factory(port=port)  # type: ignore[operator]
     agent.wait_drained(timeout=120)
     history = client.get_metric_history(run_id, "m")  # provisional id in the query, translated

@@ -19,9 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.catalog import Catalog, RunEntry
+from agent.catalog import Catalog, ModelEntry, RunEntry
 from agent.records import MetricValue
-from agent.sources.reads import merge_history, merge_run_data
+from agent.sources.reads import merge_history, merge_lineage, merge_run_data
 
 FLOAT_MAX = 1.7976931348623157e308
 Point = dict[str, Any]
@@ -400,3 +400,24 @@ def test_data_is_not_modified() -> None:
     before = copy.deepcopy(data)
     merge_run_data(data, entry(params={"q": "2"}, tags={"t": "new"}, metrics=[("m", 0.5, 2, 2)]))
     assert data == before
+
+
+# --- a run's inputs and outputs --------------------------------------------------------------------
+
+
+def test_lineage_in_the_clients_ids_with_what_waits_added_once() -> None:
+    catalog = Catalog()
+    catalog.add_model(ModelEntry("m-client", None, True, {}))
+    catalog.map_model("m-client", "m-upstream")
+    dataset = {"dataset": {"name": "train", "digest": "d1", "source_type": "code", "source": "{}"}}
+    entry = RunEntry("r", "r", False, {
+        "dataset_inputs": [dataset, {"dataset": {"name": "eval", "digest": "d2", "source_type": "code",
+                                                 "source": "{}"}}],
+        "model_outputs": [{"model_id": "m-client", "step": 0}, {"model_id": "m-client", "step": 5}],
+    })
+    run: dict[str, Any] = {"info": {}, "inputs": {"dataset_inputs": [dataset]},
+                           "outputs": {"model_outputs": [{"model_id": "m-upstream", "step": 0}]}}
+    merge_lineage(run, entry, catalog)
+    assert [d["dataset"]["name"] for d in run["inputs"]["dataset_inputs"]] == ["train", "eval"]
+    assert run["outputs"]["model_outputs"] == [{"model_id": "m-client", "step": 0}, {"model_id": "m-client", "step": 5}]
+    assert "model_inputs" not in run["inputs"]  # nothing to say: left out, as proto2 leaves it out

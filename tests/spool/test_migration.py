@@ -243,7 +243,8 @@ async def test_a_v1_spool_is_upgraded_in_place(tmp_path: Path, mode: str) -> Non
     finally:
         await spool.close()
     path = directory / "spool.db"
-    assert user_version(path) == SCHEMA_VERSION == 2
+    assert user_version(path) == SCHEMA_VERSION == 3
+    assert read_db(path, "SELECT COUNT(*) FROM models") == [(0,)]  # version 3's table, made by the upgrade
     columns = {name: (decl, notnull, default) for _, name, decl, notnull, default, _ in
                read_db(path, "PRAGMA table_info(records)")}
     assert columns["source"] == ("INTEGER", 1, "0")
@@ -462,3 +463,38 @@ def by_source(metrics: AgentMetrics, family: str) -> dict[str, float]:
 
 
 received_by_source = functools.partial(by_source, family=RECEIVED)
+
+
+async def test_a_v2_spool_gains_the_models_table_and_keeps_its_rows(tmp_path: Path) -> None:
+    """Version 3 adds the logged-models catalog: a version-2 spool (no such table) is upgraded in place
+    and its rows read back; a model written after the upgrade survives a restart."""
+    from agent.spool.store import ModelUpsert
+
+    directory = tmp_path / "spool"
+    spool = Spool(directory, max_bytes=1 << 20)
+    await spool.open()
+    await spool.append([Record("run-a", Kind.METRICS, metric_items("loss", 3))])
+    await spool.close()
+    path = directory / "spool.db"
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE models")  # what a version-2 agent left
+    conn.execute("PRAGMA user_version = 2")
+    conn.commit()
+    conn.close()
+
+    spool = Spool(directory, max_bytes=1 << 20)
+    try:
+        loaded = await spool.open()
+        assert quarantined(directory) == []
+        assert summary(loaded.pending) == Counter({("run-a", Kind.METRICS, 1, 3, loaded.pending[0].size): 1})
+        assert loaded.models == []
+        model = ModelUpsert("m-" + "1" * 32, None, True, {"experiment_id": "1", "name": "model", "tags": {"a": "b"}})
+        await spool.write_catalog([model])
+    finally:
+        await spool.close()
+    assert user_version(path) == SCHEMA_VERSION == 3
+    spool = Spool(directory, max_bytes=1 << 20)
+    try:
+        assert (await spool.open()).models == [model]
+    finally:
+        await spool.close()
