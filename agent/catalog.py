@@ -22,6 +22,9 @@ from agent.spool.store import CatalogWrite, ExperimentUpsert, Loaded, ModelUpser
 
 RUN_STATUSES = ("RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED")
 TERMINAL_STATUSES = frozenset({"FINISHED", "FAILED", "KILLED"})
+# In a run's info while the spool keeps its delivered metrics (runs the agent created, until they end):
+# everything the upstream holds of its history is then here too.
+HISTORY_KEPT = "history_kept"
 
 
 def new_id() -> str:

@@ -19,6 +19,7 @@ import orjson
 from agent import __version__
 from agent.config import ConfigError, Settings, add_arguments, load_settings, parse_hostport
 from agent.logs import configure_logging
+from agent.records import queued_model
 from agent.spool.store import SpoolLocked, SpoolUnavailable
 
 log = logging.getLogger("agent")
@@ -209,8 +210,6 @@ async def _offline_status(spool_dir: Path) -> dict[str, Any]:
     for p in loaded.pending:
         runs.setdefault(p.run, {})
         runs[p.run][p.kind.label] = runs[p.run].get(p.kind.label, 0) + p.items
-    from agent.records import queued_model
-
     models = {m.id: m for m in loaded.models}
     return {
         "spool": {"path": str(spool.path), "charged_bytes": sum(p.size for p in loaded.pending)},

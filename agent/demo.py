@@ -59,8 +59,10 @@ def run_demo(*, keep: bool = False, steps: int = 300) -> int:
         procs.append(train)
         assert train.stdout is not None and train.stdin is not None
         report: list[str] = []
+        output: list[str] = []  # shown if the loop fails
         for raw in train.stdout:
             line = raw.decode(errors="replace").rstrip()
+            output = [*output[-40:], line]
             if line == "DEMO-HALFWAY":
                 print("demo: halfway: stopping the MLflow server; training goes on", flush=True)
                 _stop(server)
@@ -69,19 +71,20 @@ def run_demo(*, keep: bool = False, steps: int = 300) -> int:
             elif line.startswith("DEMO-"):
                 report.append(line)
         if train.wait() != 0:
-            print("demo: the training loop failed; see its output above", file=sys.stderr)
+            print("demo: the training loop failed:\n" + "\n".join(output), file=sys.stderr)
             return 1
         for line in report:
             if line.startswith("DEMO-TIMING"):
                 print("demo: " + line.removeprefix("DEMO-TIMING "), flush=True)
-        pending = _get_json(f"{agent_url}/status")["buffered_records"]
-        print(f"demo: training finished with the upstream down; the agent holds {pending} record(s)", flush=True)
+        status = _get_json(f"{agent_url}/status")
+        print(f"demo: training finished with the upstream down; the agent holds {status['buffered_records']} "
+              f"record(s) and {status['artifacts']['waiting']} artifact file(s)", flush=True)
 
         print("demo: restarting the MLflow server ...", flush=True)
         server = _start_server(workdir, server_port, env)
         procs.append(server)
         started = time.monotonic()
-        while _get_json(f"{agent_url}/status")["buffered_records"] > 0:
+        while not _delivered(_get_json(f"{agent_url}/status")):
             if time.monotonic() - started > _TIMEOUT:
                 print("demo: the agent did not drain in time; see agent.log", file=sys.stderr)
                 return 1
@@ -102,6 +105,16 @@ def run_demo(*, keep: bool = False, steps: int = 300) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _delivered(status: dict[str, Any]) -> bool:
+    return bool(status["buffered_records"] == 0 and status["artifacts"]["waiting"] == 0)
+
+
+def _files(upstream: str, path: str) -> int:
+    """How many artifact files the upstream holds under ``path`` (recursively)."""
+    listing = _get_json(f"{upstream}/api/2.0/mlflow-artifacts/artifacts?" + urllib.parse.urlencode({"path": path}))
+    return sum(_files(upstream, f"{path}/{f['path']}") if f.get("is_dir") else 1 for f in listing.get("files", []))
+
+
 def _summary(upstream: str, totals: dict[str, float]) -> str:
     api = f"{upstream}/api/2.0/mlflow"
     experiment = _get_json(f"{api}/experiments/get-by-name?experiment_name=mlflow-agent-demo")["experiment"]
@@ -117,8 +130,15 @@ def _summary(upstream: str, totals: dict[str, float]) -> str:
             points += len(_get_json(f"{api}/metrics/get-history?{query}").get("metrics", []))
         tags = {t["key"]: t["value"] for t in data.get("tags", [])}
         parent = f", child of {tags['mlflow.parentRunId'][:8]}" if "mlflow.parentRunId" in tags else ""
+        root = info["artifact_uri"].removeprefix("mlflow-artifacts:/")
         lines.append(f"  run {info.get('run_name')!r} {info['status']}{parent}: {len(data.get('params', []))} "
-                     f"params, {len(data.get('metrics', []))} metric keys, {points} metric points")
+                     f"params, {len(data.get('metrics', []))} metric keys, {points} metric points, "
+                     f"{_files(upstream, root)} artifact file(s)")
+    models = _post_json(f"{api}/logged-models/search", {"experiment_ids": [experiment["experiment_id"]]})
+    for model in models.get("models", []):
+        info = model["info"]
+        files = _files(upstream, info["artifact_uri"].removeprefix("mlflow-artifacts:/"))
+        lines.append(f"  logged model {info['name']!r} {info['status'].removeprefix('LOGGED_MODEL_')}: {files} files")
     lines.append("demo: agent totals: " + ", ".join(f"{k} {int(v)}" for k, v in sorted(totals.items())))
     return "\n".join(lines)
 

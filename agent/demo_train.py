@@ -15,6 +15,16 @@ import time
 import mlflow
 
 
+def log_a_model() -> None:
+    """An sklearn model fitted on synthetic data, logged as MLflow 3 does (a logged model and its files)."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    features = np.random.default_rng(0).normal(size=(200, 4))
+    labels = (features[:, 0] + features[:, 1] > 0).astype(int)
+    mlflow.sklearn.log_model(LogisticRegression().fit(features, labels), name="model", input_example=features[:2])
+
+
 def main(steps: int) -> None:
     mlflow.set_experiment("mlflow-agent-demo")
     durations: dict[str, list[float]] = {"upstream up": [], "upstream down": []}
@@ -44,6 +54,9 @@ def main(steps: int) -> None:
             time.sleep(0.005)  # the "training" itself
         with mlflow.start_run(run_name="demo-eval", nested=True):
             mlflow.log_metric("eval/accuracy", 1 - loss / 3)
+        # Still during the outage: a file and a model, both kept by the agent until the server is back.
+        mlflow.log_dict({"lr": 0.01, "batch_size": 64, "final_loss": loss}, "config/summary.json")
+        log_a_model()
     for name, values in durations.items():
         if values:
             values.sort()

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from agent import __version__
-from agent.catalog import Catalog
+from agent.catalog import HISTORY_KEPT, Catalog
 from agent.config import Settings
 from agent.errors import MlflowApiError
 from agent.ops.health import OpsEndpoints
@@ -58,6 +58,9 @@ log = logging.getLogger("agent")
 _OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 _LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 _MAINTENANCE_INTERVAL = 30.0
+# A run that got nothing delivered for this long (its process gone without ending it) stops keeping its
+# delivered metrics as local history.
+HISTORY_MAX_AGE = 24 * 3600.0
 _PROBE_INTERVAL = 30.0  # an idle agent asks the upstream this often whether it answers
 _STATUS_IDLE_RUNS = 100  # /status lists every run with records waiting, and this many idle ones
 
@@ -114,7 +117,7 @@ class Agent:
             self.uploader = Uploader(spool=self.spool, ledger=self.ledger, catalog=self.catalog, rest=self.rest,
                                      resolver=self.resolver, retry=retry, max_in_flight=s.upload_max_in_flight,
                                      linger=s.upload_linger, limits=AZUREML_LIMITS if self.azureml else MLFLOW_LIMITS,
-                                     artifacts=self.artifacts, azureml=self.azureml)
+                                     artifacts=self.artifacts, azureml=self.azureml, keep_history=self.ingest)
         self.ledger.loaded(loaded.pending)
         artifacts_waiting = await self.artifacts.open()
         if self.uploader is not None:
@@ -124,6 +127,8 @@ class Agent:
                                   else MlflowArtifactSink(self.rest, self.catalog))
             self.artifact_uploader = ArtifactUploader(store=self.artifacts, sink=sink, retry=retry,
                                                       metrics=self.metrics)
+            if self.resolver is not None:
+                self.resolver.on_mapped = self.artifact_uploader.nudge
             await self.artifact_uploader.start()
         if artifacts_waiting:
             log.info("%d artifact file(s) wait for upload", artifacts_waiting)
@@ -339,6 +344,15 @@ class Agent:
         while True:
             await asyncio.sleep(_MAINTENANCE_INTERVAL)
             try:
+                expired = await self.spool.expire_history(HISTORY_MAX_AGE)
+                entries = [e for e in map(self.catalog.run, expired) if e is not None]
+                for entry in entries:
+                    entry.info.pop(HISTORY_KEPT, None)
+                if entries:
+                    await self.spool.write_catalog([e.upsert() for e in entries])
+                if expired:
+                    log.info("let go the kept metric history of %d run(s) idle for %.0f h", len(expired),
+                             HISTORY_MAX_AGE / 3600)
                 await self.spool.maintenance()
             except Exception:
                 log.exception("spool maintenance failed")
@@ -360,6 +374,7 @@ class Agent:
             self.metrics.spool_disk_free_bytes.set(st.f_bavail * st.f_frsize)
         self.metrics.oldest_buffered_age.set(self._oldest_age())
         self.metrics.artifacts_buffered_bytes.set(self.artifacts.charged_bytes)
+        self.metrics.spool_history_bytes.set(self.spool.history_bytes)
 
     def _oldest_age(self) -> float:
         oldest = self.spool.oldest_at
@@ -444,6 +459,7 @@ class Agent:
             "spool": {
                 "path": str(self.spool.path),
                 "charged_bytes": self.ledger.bytes,
+                "history_bytes": self.spool.history_bytes,
                 "limit_bytes": self.settings.spool_max_bytes,
                 "file_bytes": await asyncio.to_thread(self.spool.file_bytes),
                 "overflow_policy": self.settings.overflow_policy,

@@ -113,6 +113,11 @@ def main() -> None:
     server = MlflowServer(base / "server").start()
     try:
         rows = [("direct to the MLflow server", client_costs(server.url, small, big, "bench-direct"))]
+        proxy, target = delay_proxy(server.url, 50, base)
+        try:
+            rows.append(("direct, the server +50 ms away", client_costs(target, small, big, "bench-direct-50")))
+        finally:
+            stop_process(proxy)
         for delay in (0, 50):
             proxy, target = (None, server.url) if not delay else delay_proxy(server.url, delay, base)
             agent = AgentProcess(target, base / f"agent-{delay}" / "spool", FAST_UPLOAD).start()

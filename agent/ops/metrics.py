@@ -73,6 +73,11 @@ class AgentMetrics:
             "mlflow_agent_buffered_bytes", "Bytes charged against the spool limit.", registry=r
         )
         self.spool_limit_bytes = Gauge("mlflow_agent_spool_limit_bytes", "The spool's byte limit.", registry=r)
+        self.spool_history_bytes = Gauge(
+            "mlflow_agent_spool_history_bytes",
+            "Bytes of delivered metrics kept as the local history of runs the agent created (until they end; "
+            "let go first when the spool needs room).", registry=r,
+        )
         self.spool_file_bytes = Gauge(
             "mlflow_agent_spool_file_bytes", "Size of the spool's SQLite files on disk.", registry=r
         )

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from agent import validation
 from agent.artifact_paths import client_artifact_uri, default_run_uri
-from agent.catalog import Catalog, RunEntry, generate_run_name, new_id
+from agent.catalog import HISTORY_KEPT, Catalog, RunEntry, generate_run_name, new_id
 from agent.errors import MlflowApiError, invalid, run_not_active, run_not_found, unavailable
 from agent.ops.metrics import AgentMetrics
 from agent.records import PROVISIONAL_TAG, RUN_ID_TAGS, Kind, Record
@@ -334,6 +334,7 @@ class MlflowApi:
             "start_time": start_time,
             "artifact_uri": default_run_uri(experiment_id, run_id),
             "lifecycle_stage": "active",
+            HISTORY_KEPT: True,
         }
         entry = RunEntry(run_id, None, True, info, tags={k: v for k, v in tags}, complete=True)
         payload = {"experiment_id": experiment_id, "user_id": user_id, "run_name": run_name,
@@ -389,6 +390,7 @@ class MlflowApi:
         real_id = str(run["info"]["run_id"])
         entry = self._entry_from_upstream(real_id, run)
         entry.info["experiment_id"] = cr.experiment_id
+        entry.info[HISTORY_KEPT] = True  # created here: every point it gets passes through the agent
         entry.info["artifact_uri"] = self.client_run_uri(run["info"].get("artifact_uri"), cr.experiment_id, real_id)
         await self.spool.write_catalog(self.entry_writes(entry))
         self.catalog.add_run(entry)
@@ -471,28 +473,38 @@ class MlflowApi:
         upstream_id = self.catalog.upstream_run_id(run_id) if entry is not None else None
         # A provisional run not created upstream yet: every point it has is here.
         local_only = entry is not None and upstream_id is None
-        buffered: list[list[Any]] = []
-        ours = entry is not None and key and (local_only or self.ledger.run_breakdown(run_id).get("metric"))
+        # A run the agent created keeps its delivered points too (until it ends): while that history is
+        # whole, the upstream holds nothing this agent does not, and is not needed to answer.
+        kept = entry is not None and bool(entry.info.get(HISTORY_KEPT))
+        points: list[list[Any]] = []
+        whole = False
+        ours = entry is not None and key and (local_only or kept or self.ledger.run_breakdown(run_id).get("metric"))
         if ours and (query.get("page_token") or not _positive_int(query.get("max_results", "1"))):
             # Never a token of ours (the agent answers in one page), or a page size MLflow refuses.
             raise MlflowApiError("INVALID_PARAMETER_VALUE", "Invalid value for parameter 'page_token' or "
                                  f"'max_results' in get-history of run {run_id}")
-        if ours:
-            buffered = await self.spool.buffered_metric_points(run_id, key)
-        if not buffered and not (local_only and key):
+        if ours and kept:
+            points, whole = await self.spool.metric_history(run_id, key)
+        elif ours:
+            points = await self.spool.buffered_metric_points(run_id, key)
+        upstream_down = self.rest is None or self.rest.health.known_down
+        if not points and not (local_only and key):
+            if whole and upstream_down:
+                return json_response({})  # the key was never logged: MLflow's answer
             # Anything else (malformed requests included) is the upstream's to answer, as before.
             if self.forward is None:
                 raise unavailable("mlflow-agent runs offline and holds no such metric history")
             return await self.forward(request)
         upstream: list[dict[str, Any]] = []
-        if upstream_id is not None and self.rest is not None:
+        if upstream_id is not None and self.rest is not None and not (whole and upstream_down):
             fetched = await self._history_upstream(upstream_id, key)
-            if fetched is None:
+            if fetched is None and not whole:
                 raise unavailable(f"mlflow-agent: the upstream is unreachable; it holds part of the history of "
                                   f"{key!r} for run {run_id}")
-            upstream = fetched
-        # else: a run the upstream has not seen yet (provisional), or an offline agent: all points are here
-        return json_response({"metrics": reads.merge_history(upstream, buffered)})
+            upstream = fetched or []
+        # else: a run the upstream has not seen yet (provisional), a run whose whole history is here while the
+        # upstream is away, or an offline agent: all points are here
+        return json_response({"metrics": reads.merge_history(upstream, points)})
 
     async def _history_upstream(self, upstream_id: str, key: str) -> list[dict[str, Any]] | None:
         """Every page of the upstream's history of one metric, or None when it does not answer."""
@@ -522,10 +534,16 @@ class MlflowApi:
         return json_response(self.catalog.run_json(entry))
 
     async def _recall_metrics(self, entry: RunEntry) -> None:
-        """Latest metric values live in memory; after a restart they are read back from the spool once."""
-        if entry.metrics_recalled or not self.ledger.run_breakdown(entry.run_id).get("metric"):
+        """Latest metric values live in memory; after a restart they are read back from the spool once (the
+        delivered ones too, for a run whose history the spool keeps)."""
+        kept = bool(entry.info.get(HISTORY_KEPT))
+        if entry.metrics_recalled or not (kept or self.ledger.run_breakdown(entry.run_id).get("metric")):
             return
-        for key, value, timestamp, step, *_ in await self.spool.buffered_metric_points(entry.run_id, None):
+        if kept:
+            points, _ = await self.spool.metric_history(entry.run_id, None)
+        else:
+            points = await self.spool.buffered_metric_points(entry.run_id, None)
+        for key, value, timestamp, step, *_ in points:
             self.catalog.note_metric(entry, key, value, timestamp, step)
         entry.metrics_recalled = True
 

@@ -58,8 +58,9 @@ class RunSearch:
         held = [e for e in self.catalog.runs.values()
                 if e.info.get("experiment_id") in wanted and not e.info.get("abandoned")
                 and (e.upstream_id is None or self.ledger.run_items(e.run_id))]
-        # Runs and experiments with provisional ids need their ids translated back in the answer.
-        translate = any(self.catalog.upstream_experiment_id(i) != i for i in ids) or any(
+        # Runs and experiments with provisional ids need their ids translated back in the answer, and Azure
+        # ML's artifact URIs their form through the agent.
+        translate = self.api.azureml or any(self.catalog.upstream_experiment_id(i) != i for i in ids) or any(
             e.provisional and e.info.get("experiment_id") in wanted for e in self.catalog.runs.values())
         if not held and not local_only and not translate:
             return await self._forward(request)
@@ -100,8 +101,11 @@ class RunSearch:
             entry = self.catalog.run(self.catalog.client_run_id(upstream_id))
             if entry is not None:
                 await self.api.merged_run(run, entry)
-            elif isinstance(info.get("experiment_id"), str):
+                continue
+            if isinstance(info.get("experiment_id"), str):
                 info["experiment_id"] = self.catalog.client_experiment_id(info["experiment_id"])
+            info["artifact_uri"] = self.api.client_run_uri(info.get("artifact_uri"), info.get("experiment_id"),
+                                                           upstream_id)
         token = answer.get("next_page_token")
         return runs, token if isinstance(token, str) and token else None
 

@@ -1,8 +1,10 @@
 """The spool's SQLite schema.
 
 One file, ``spool.db``, in WAL mode. ``records`` is the durable queue (one row per client request
-and kind, in arrival order); the other tables are what the agent knows about runs and experiments,
-written in the same transactions as the records they explain, so a crash never leaves them apart.
+and kind, in arrival order); ``history`` keeps delivered metric rows of runs the agent created, so their
+whole history can be read here during an outage (let go first when room is needed); the other tables
+are what the agent knows about runs, experiments and logged models, written in the same transactions
+as the records they explain, so a crash never leaves them apart.
 """
 
 from __future__ import annotations
@@ -45,6 +47,17 @@ CREATE TABLE IF NOT EXISTS experiments (
     name        TEXT NOT NULL,
     info        BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS history (
+    seq   INTEGER PRIMARY KEY,                -- the delivered metric row's own seq
+    run   TEXT    NOT NULL,
+    body  BLOB    NOT NULL,
+    size  INTEGER NOT NULL,                   -- charged against the spool limit (and let go first)
+    at    REAL    NOT NULL DEFAULT 0          -- unix time it was delivered (and kept)
+);
+CREATE INDEX IF NOT EXISTS history_by_run ON history (run, seq);
+CREATE TABLE IF NOT EXISTS history_lost (
+    run TEXT PRIMARY KEY                      -- a run whose kept history is no longer whole
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS models (
     id          TEXT PRIMARY KEY,             -- logged model id the client uses
     upstream_id TEXT,                         -- NULL while provisional and not yet created upstream
@@ -74,6 +87,12 @@ ALTER TABLE records ADD COLUMN at REAL NOT NULL DEFAULT 0;
 CREATE TABLE IF NOT EXISTS models (
     id TEXT PRIMARY KEY, upstream_id TEXT, provisional INTEGER NOT NULL DEFAULT 0, info BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS history (
+    seq INTEGER PRIMARY KEY, run TEXT NOT NULL, body BLOB NOT NULL, size INTEGER NOT NULL,
+    at REAL NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS history_by_run ON history (run, seq);
+CREATE TABLE IF NOT EXISTS history_lost (run TEXT PRIMARY KEY) WITHOUT ROWID;
 """,
 }
 

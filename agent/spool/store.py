@@ -220,6 +220,9 @@ class Spool:
         # Owned by the writer thread: the bytes charged against max_bytes, the last row seq found at
         # open (rows up to it are FOUND_AT_START), and when the oldest row still held was written.
         self._bytes = 0
+        # Bytes of delivered metric rows kept as their runs' local history (see ``ack(keep=...)``): they
+        # share max_bytes with what waits, and go first when room is needed.
+        self._kept_bytes = 0
         self._seq_at_open = 0
         self.oldest_at: float | None = None
         # Rows whose items are being sent upstream right now: drop_oldest must not evict them (their
@@ -252,6 +255,11 @@ class Spool:
     @property
     def charged_bytes(self) -> int:
         return self._bytes
+
+    @property
+    def history_bytes(self) -> int:
+        """Bytes of delivered metrics kept as local history (read by the metrics scrape)."""
+        return self._kept_bytes
 
     # public jobs ------------------------------------------------------------------------------
 
@@ -292,11 +300,17 @@ class Spool:
         progress: dict[int, int],
         dead: list[DeadLetter] = (),  # type: ignore[assignment]
         catalog: Iterable[CatalogWrite] = (),
+        *,
+        keep: bool = False,
     ) -> AckResult:
-        """Record delivery: ``progress`` maps row seq -> items of that row now delivered (or dead)."""
+        """Record delivery: ``progress`` maps row seq -> items of that row now delivered (or dead).
+
+        ``keep``: fully delivered metric rows move to the ``history`` table instead of being deleted,
+        so the run's whole metric history stays readable here while the upstream is away (see
+        ``metric_history``); kept rows give way first whenever room is needed."""
         writes = list(catalog)
         dead_list = list(dead)
-        return await self._submit(lambda conn: self._ack(conn, progress, dead_list, writes))
+        return await self._submit(lambda conn: self._ack(conn, progress, dead_list, writes, keep))
 
     async def dead_letter_run(self, run: str, status: int | None, error_code: str | None, message: str) -> AckResult:
         """Move everything pending for a run to the dead-letter table (the upstream refuses the run)."""
@@ -306,6 +320,21 @@ class Spool:
         """The ``[key, value, timestamp, step]`` items of one metric (or of all: ``key=None``) still
         waiting for upload, in order."""
         return await self._submit(lambda conn: _buffered_points(conn, run, key), in_transaction=False)
+
+    async def metric_history(self, run: str, key: str | None) -> tuple[list[list[Any]], bool]:
+        """The points of one metric (or all) this spool holds for a run, delivered ones kept as history
+        included, and whether that is all the run ever had through this spool (no kept row was let go)."""
+        return await self._submit(lambda conn: _history_points(conn, run, key), in_transaction=False)
+
+    async def forget_history(self, run: str, catalog: Iterable[CatalogWrite] = ()) -> None:
+        """The run ended: its delivered metrics need not be kept any longer."""
+        writes = list(catalog)
+        await self._submit(lambda conn: self._forget_history(conn, run, writes))
+
+    async def expire_history(self, max_age: float) -> list[str]:
+        """Let go the history of runs that got nothing delivered for ``max_age`` seconds (a run that never
+        ended, its process gone); returns those runs."""
+        return await self._submit(lambda conn: self._expire_history(conn, time.time() - max_age))
 
     async def pending_tag_deletes(self, run: str, kind: Kind = Kind.DELETE_TAG) -> list[str]:
         """Keys of a run's (or, with ``Kind.DELETE_MODEL_TAG``, a model queue's) tag deletions still
@@ -379,19 +408,19 @@ class Spool:
         self, conn: sqlite3.Connection, batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]]
     ) -> None:
         outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-        bytes_before = self._bytes
+        bytes_before = self._bytes, self._kept_bytes
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             self._deliver([(fut, None, exc) for _, fut in batch])
             return
         for fn, fut in batch:
-            job_bytes = self._bytes
+            job_bytes = self._bytes, self._kept_bytes
             conn.execute("SAVEPOINT job")
             try:
                 result = fn(conn)
             except BaseException as exc:
-                self._bytes = job_bytes
+                self._bytes, self._kept_bytes = job_bytes
                 try:
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
@@ -406,7 +435,7 @@ class Spool:
             self.last_commit_error = None
         except sqlite3.Error as exc:
             # Disk full or I/O error: nothing of this batch is durable, so nobody gets a success.
-            self._bytes = bytes_before
+            self._bytes, self._kept_bytes = bytes_before
             self.last_commit_error = str(exc)
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
@@ -443,6 +472,7 @@ class Spool:
         loaded.quarantined = quarantined
         self._conn = conn
         self._bytes = sum(p.size for p in loaded.pending)
+        self._kept_bytes = int(conn.execute("SELECT COALESCE(SUM(size), 0) FROM history").fetchone()[0])
         self._seq_at_open = int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM records").fetchone()[0])
         self._note_oldest(conn)
         return loaded
@@ -559,6 +589,8 @@ class Spool:
     ) -> AppendResult:
         incoming = sum(len(body) + ROW_OVERHEAD for _, body in encoded)
         evicted: list[RowChange] = []
+        if self._bytes + self._kept_bytes + incoming > self.max_bytes:
+            self._let_history_go(conn, self._bytes + self._kept_bytes + incoming - self.max_bytes)
         if self._bytes + incoming > self.max_bytes:
             if self.overflow_policy != "drop_oldest":
                 raise SpoolFull(f"spool holds {self._bytes} of {self.max_bytes} bytes")
@@ -577,6 +609,37 @@ class Spool:
         if self.oldest_at is None or evicted:
             self._note_oldest(conn)
         return AppendResult(added=added, evicted=evicted)
+
+    def _let_history_go(self, conn: sqlite3.Connection, need: int) -> None:
+        """Free ``need`` bytes (or all there are) of kept history, oldest first; those runs' local history
+        is incomplete from now on. Nothing is lost: the upstream has those points."""
+        freed = 0
+        while freed < need:
+            rows = conn.execute("SELECT seq, run, size FROM history ORDER BY seq LIMIT 256").fetchall()
+            if not rows:
+                break
+            victims = []
+            for seq, run, size in rows:
+                victims.append((seq,))
+                conn.execute("INSERT OR IGNORE INTO history_lost (run) VALUES (?)", (run,))
+                freed += size
+                if freed >= need:
+                    break
+            conn.executemany("DELETE FROM history WHERE seq = ?", victims)
+        self._kept_bytes -= freed
+
+    def _forget_history(self, conn: sqlite3.Connection, run: str, writes: list[CatalogWrite]) -> None:
+        freed = conn.execute("SELECT COALESCE(SUM(size), 0) FROM history WHERE run = ?", (run,)).fetchone()[0]
+        conn.execute("DELETE FROM history WHERE run = ?", (run,))
+        conn.execute("INSERT OR IGNORE INTO history_lost (run) VALUES (?)", (run,))
+        self._kept_bytes -= int(freed)
+        _apply_catalog(conn, writes)
+
+    def _expire_history(self, conn: sqlite3.Connection, before: float) -> list[str]:
+        runs = [run for (run,) in conn.execute("SELECT run FROM history GROUP BY run HAVING MAX(at) < ?", (before,))]
+        for run in runs:
+            self._forget_history(conn, run, [])
+        return runs
 
     def _evict_metrics(self, conn: sqlite3.Connection, need: int) -> list[RowChange]:
         """Drop the oldest metric rows until ``need`` bytes are free (the drop_oldest policy)."""
@@ -612,6 +675,7 @@ class Spool:
         progress: dict[int, int],
         dead: list[DeadLetter],
         writes: list[CatalogWrite],
+        keep: bool = False,
     ) -> AckResult:
         result = AckResult(delivered=[], dead=[], freed=[])
         dead_by_seq: dict[int, int] = {}
@@ -641,6 +705,13 @@ class Spool:
             if delivered > 0:
                 result.delivered.append(RowChange(run, Kind(kind), delivered, 0, label))
             if new_done >= n:
+                if keep and kind == Kind.METRICS:
+                    if dead_by_seq.get(seq):  # some of it is not upstream: the local copy would differ
+                        conn.execute("INSERT OR IGNORE INTO history_lost (run) VALUES (?)", (run,))
+                    else:
+                        conn.execute("INSERT INTO history (seq, run, body, size, at) SELECT seq, run, body, size, ?"
+                                     " FROM records WHERE seq = ?", (now, seq))
+                        self._kept_bytes += size
                 conn.execute("DELETE FROM records WHERE seq = ?", (seq,))
                 self._bytes -= size
                 result.freed.append(RowChange(run, Kind(kind), 0, size, label))
@@ -661,6 +732,7 @@ class Spool:
         rows = conn.execute(
             "SELECT seq, kind, n, done, size, body, source FROM records WHERE run = ? ORDER BY seq", (run,)
         ).fetchall()
+        self._forget_history(conn, run, [])
         for seq, kind, n, done, size, body, source in rows:
             label = self._label(seq, source)
             conn.execute(
@@ -764,6 +836,26 @@ def _buffered_points(conn: sqlite3.Connection, run: str, key: str | None) -> lis
             out.extend(item for item in items[done:]
                        if isinstance(item, list) and len(item) >= 4 and (key is None or item[0] == key))
     return out
+
+
+def _history_points(conn: sqlite3.Connection, run: str, key: str | None) -> tuple[list[list[Any]], bool]:
+    out: list[list[Any]] = []
+    # Kept rows and rows still waiting, whole and in arrival order: a waiting row's first ``done`` items are
+    # delivered, and part of the history too.
+    for (body,) in conn.execute(
+        "SELECT body FROM (SELECT seq, body FROM history WHERE run = ?"
+        " UNION ALL SELECT seq, body FROM records WHERE run = ? AND kind = ?) ORDER BY seq",
+        (run, run, int(Kind.METRICS)),
+    ):
+        try:
+            items = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            continue  # a damaged row: the uploader dead-letters it
+        if isinstance(items, list):
+            out.extend(item for item in items
+                       if isinstance(item, list) and len(item) >= 4 and (key is None or item[0] == key))
+    lost = conn.execute("SELECT 1 FROM history_lost WHERE run = ?", (run,)).fetchone() is not None
+    return out, not lost
 
 
 def _pending_tag_deletes(conn: sqlite3.Connection, run: str, kind: Kind) -> list[str]:

@@ -29,7 +29,7 @@ from agent.upstream.rest import MlflowRest, PermanentError, UpstreamError
 
 log = logging.getLogger("agent.artifacts")
 
-_RECHECK = 1.0  # how often files waiting for their run's creation are looked at again
+_RECHECK = 1.0  # how often waiting files are looked at again without a nudge
 UPLOADS_IN_FLIGHT = 4  # files sent at once: small files are round trips, large ones share the link
 
 
@@ -89,6 +89,10 @@ class ArtifactUploader:
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="artifact-uploader")
+
+    def nudge(self) -> None:
+        """Something files may wait for happened (a run or model was created upstream): look again now."""
+        self.store.changed.set()
 
     async def stop(self) -> None:
         tasks = [t for t in (self._task, *self._uploads.values()) if t is not None]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from agent.artifact_paths import UPSTREAM_ROOT, proxied_root
@@ -35,6 +36,8 @@ class Resolver:
         self._attempts: dict[str, asyncio.Task[dict[str, Any] | None]] = {}
         self._experiment_locks: dict[str, asyncio.Lock] = {}
         self._mapped = asyncio.Condition()
+        # Called whenever provisional ids may have been mapped (the artifact uploader looks again at once).
+        self.on_mapped: Callable[[], None] | None = None
 
     # experiments ------------------------------------------------------------------------------
 
@@ -137,9 +140,15 @@ class Resolver:
                 body[key] = payload[key]
         if not any(k == PROVISIONAL_TAG for k, _ in tags):
             body["tags"].append({"key": PROVISIONAL_TAG, "value": run_id})
-        return await self.retry.run(f"create run {run_id}", lambda: self._find_or_create_run(run_id, experiment, body))
+        info = await self.retry.run(f"create run {run_id}", lambda: self._find_or_create_run(run_id, experiment, body))
+        # Where its files go (the experiment may keep artifacts elsewhere than <experiment>/<run>/artifacts).
+        root = proxied_root(info.get("artifact_uri"), self.rest.base_url)
+        if root is not None:
+            entry.info[UPSTREAM_ROOT] = root
+        return str(info["run_id"])
 
-    async def _find_or_create_run(self, run_id: str, experiment: str, body: dict[str, Any]) -> str:
+    async def _find_or_create_run(self, run_id: str, experiment: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The upstream run's info: the one an earlier attempt created (found by its tag), or a new one."""
         found = await self.rest.call("POST", "runs/search", body={
             "experiment_ids": [experiment],
             "filter": f"tags.`{PROVISIONAL_TAG}` = '{run_id}'",
@@ -150,9 +159,11 @@ class Resolver:
         if runs:
             log.info("run %s already exists upstream as %s (an earlier answer was lost)", run_id,
                      runs[0]["info"]["run_id"])
-            return str(runs[0]["info"]["run_id"])
+            info: dict[str, Any] = runs[0]["info"]
+            return info
         created = await self.rest.call("POST", "runs/create", body=body)
-        return str(created["run"]["info"]["run_id"])
+        created_info: dict[str, Any] = created["run"]["info"]
+        return created_info
 
     async def mapped(self, run_id: str, upstream_id: str, artifact_uri: object = None) -> None:
         entry = self.catalog.runs[run_id]
@@ -160,8 +171,7 @@ class Resolver:
         if root is not None:
             entry.info[UPSTREAM_ROOT] = root
         await self.spool.write_catalog(self.catalog.map_run(run_id, upstream_id))
-        async with self._mapped:
-            self._mapped.notify_all()
+        await self.wake_waiters()
 
     async def model_mapped(self, model_id: str, upstream_id: str, artifact_uri: object = None) -> None:
         """A create attempt answered late: the provisional model is the upstream's ``upstream_id``."""
@@ -170,8 +180,7 @@ class Resolver:
         if root is not None:
             entry.info[UPSTREAM_ROOT] = root
         await self.spool.write_catalog([self.catalog.map_model(model_id, upstream_id)])
-        async with self._mapped:
-            self._mapped.notify_all()
+        await self.wake_waiters()
 
     # logged models ----------------------------------------------------------------------------
 
@@ -241,8 +250,11 @@ class Resolver:
         return await self.upstream_run(value)
 
     async def wake_waiters(self) -> None:
+        """Ids were mapped (or given up on): whoever waits for an upstream id looks again."""
         async with self._mapped:
             self._mapped.notify_all()
+        if self.on_mapped is not None:
+            self.on_mapped()
 
     async def stop(self) -> None:
         for task in list(self._attempts.values()):

@@ -3,9 +3,9 @@ in flight per run (order), a bounded number of requests in flight overall.
 
 Per run: create (if provisional) -> params/tags/metrics as log-batch -> runs/update, in arrival
 order; a barrier row is sent only after everything before it landed. A logged model has a queue of
-its own, worked the same way (its rows are all barriers; see ``agent.upload.models``). A permanent refusal isolates
-the offending items by splitting the batch and dead-letters only those; a refusal of the run itself
-(gone, deleted) dead-letters what is pending for that run. Nothing else ever blocks a run.
+its own, worked the same way (its rows are all barriers; see ``agent.upload.models``). A permanent
+refusal isolates the offending items by splitting the batch and dead-letters only those; a refusal of
+the run itself (gone, deleted) dead-letters what is pending for that run. Nothing else ever blocks a run.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import logging
 import time
 from typing import Any
 
-from agent.catalog import Catalog
+from agent.catalog import HISTORY_KEPT, TERMINAL_STATUSES, Catalog
 from agent.records import Kind, queued_model
 from agent.spool.artifacts import ArtifactStore
 from agent.spool.ledger import Ledger
@@ -49,6 +49,7 @@ class Uploader:
         limits: Limits = MLFLOW_LIMITS,
         artifacts: ArtifactStore | None = None,
         azureml: bool = False,
+        keep_history: bool = True,
     ) -> None:
         self.spool = spool
         self.ledger = ledger
@@ -71,6 +72,8 @@ class Uploader:
         self._param_cap_warned: set[str] = set()
         # Azure ML: no logged models, so metrics go without their model_id (and dataset) fields.
         self.azureml = azureml
+        # Off for `sync`: nobody reads through it, so delivered metrics need not be kept.
+        self.keep_history = keep_history
         self.models = ModelUploads(catalog=catalog, resolver=resolver, call=self._call, artifacts=artifacts,
                                    azureml=azureml)
         ledger.subscribe(self.notify)
@@ -220,6 +223,12 @@ class Uploader:
             if row.kind is Kind.UPDATE_RUN:
                 body = {"run_id": upstream, **payload}
                 await self._call(f"update run {run}", "POST", "runs/update", body)
+                if payload.get("status") in TERMINAL_STATUSES and self._keeps_history(run):
+                    self.ledger.acked(await self.spool.ack({row.seq: 1}))
+                    entry = self.catalog.runs[run]
+                    entry.info.pop(HISTORY_KEPT, None)  # it ended: its history is the upstream's to keep
+                    await self.spool.forget_history(run, [entry.upsert()])
+                    return
             elif row.kind is Kind.DELETE_TAG:
                 try:
                     await self._call(f"delete tag of {run}", "POST", "runs/delete-tag",
@@ -255,7 +264,7 @@ class Uploader:
             except UpstreamError as exc:  # retry deadline exceeded
                 await self._dead_letter_run(run, exc.status, exc.error_code, f"gave up retrying: {exc.message}")
                 return
-            self.ledger.acked(await self.spool.ack(progress, dead=dead))
+            self.ledger.acked(await self.spool.ack(progress, dead=dead, keep=self._keeps_history(run)))
         self._params_sent[run] = self._params_sent.get(run, 0) + sum(
             1 for p in translated.pieces if p.kind is Kind.PARAMS and p.send)
         if dead:
@@ -326,9 +335,15 @@ class Uploader:
             await self._deliver(run, upstream, first, dead)
             await self._deliver(run, upstream, second, dead)
 
+    def _keeps_history(self, run: str) -> bool:
+        """Runs the agent created keep their delivered metrics until they end: their whole history can
+        then be read through the agent while the upstream is away (``log_model`` reads it)."""
+        entry = self.catalog.run(run)
+        return self.keep_history and bool(entry is not None and entry.info.get(HISTORY_KEPT))
+
     async def _dead_letter_row(self, run: str, row: Row, message: str) -> None:
         letter = DeadLetter(row.seq, row.payload, row.n - row.done, None, None, message)
-        self.ledger.acked(await self.spool.ack({row.seq: row.n}, dead=[letter]))
+        self.ledger.acked(await self.spool.ack({row.seq: row.n}, dead=[letter], keep=self._keeps_history(run)))
         log.error("run %s: %s; moved to the dead-letter table", run, message)
 
     async def _dead_letter_run(self, run: str, status: int | None, code: str | None, message: str) -> None:

@@ -247,3 +247,58 @@ def test_models_arrive_once_through_lost_answers_and_a_kill_9(
     assert model_files(direct, f"models:/{up.model_id}", tmp_path / "arrived") == held
     assert mlflow.sklearn.load_model(model_uri).predict(features[:3]).tolist() == fitted_model().predict(
         features[:3]).tolist()
+
+
+def test_log_model_on_a_run_that_is_upstream_during_an_outage(
+    *,
+    mlflow_server_factory: MlflowServerFactory,
+    agent_factory: AgentFactory,
+    experiment_name: str,
+    tmp_path: Path,
+    fluent: None,
+) -> None:
+    """A run created upstream, its first metrics uploaded; then the upstream goes away. ``log_model`` reads
+    the history of every metric of the run (to link the points of its step to the model): through the
+    agent it is answered in full, also after a kill -9, and everything arrives once the upstream is back."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    server = mlflow_server_factory()
+    agent = agent_factory(server, *FAST_AGENT_FLAGS)
+    mlflow.set_tracking_uri(agent.url)
+    client = MlflowClient(agent.url)
+    mlflow.set_experiment(experiment_name)
+    run = mlflow.start_run()
+    run_id = run.info.run_id
+    assert server.client().get_run(run_id).info.run_id == run_id  # created upstream, the real id
+    for step in range(50):
+        mlflow.log_metrics({"loss": 1 / (step + 1), "acc": step / 50}, step=step)
+    agent.wait_drained(timeout=60)  # uploaded: nothing of it waits
+    server.stop()
+    for step in range(50, 80):
+        mlflow.log_metrics({"loss": 1 / (step + 1), "acc": step / 50}, step=step)
+
+    def history(key: str) -> list[tuple[float, int]]:
+        return [(m.value, m.step) for m in client.get_metric_history(run_id, key)]
+
+    expected = {"loss": [(1 / (s + 1), s) for s in range(80)], "acc": [(s / 50, s) for s in range(80)]}
+    assert {k: history(k) for k in expected} == expected
+    agent.sigkill()
+    agent.start()
+    assert {k: history(k) for k in expected} == expected  # kept across the crash
+    assert client.get_run(run_id).data.metrics == {"loss": 1 / 80, "acc": 79 / 50}
+    features, _ = training_data()
+    info = mlflow.sklearn.log_model(fitted_model(), name="model", input_example=features[:2], step=0)
+    mlflow.end_run()
+
+    server.start()
+    agent.wait_drained(timeout=120)
+    wait_artifacts_uploaded(agent, 60)
+    direct = server.client()
+    assert {k: [(m.value, m.step) for m in direct.get_metric_history(run_id, k)] for k in expected} == expected
+    up = upstream_model(server, direct.get_run(run_id).info.experiment_id, info.model_id)
+    # The points of step 0 were linked to the model, as log_model does without the agent.
+    assert sorted((m.key, m.value, m.step) for m in direct.get_logged_model(up.model_id).metrics) == [
+        ("acc", 0.0, 0), ("loss", 1.0, 0)]
+    assert direct.get_run(run_id).info.status == "FINISHED"
+    assert agent.status()["spool"]["history_bytes"] == 0  # the run ended: its history is the upstream's

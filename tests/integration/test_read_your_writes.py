@@ -300,10 +300,9 @@ def test_held_back_uploads_are_merged_and_then_match_the_server(
     direct.log_batch(run_id, metrics=[Metric(*p) for p in overlap])
     direct.set_tag(run_id, "from_server", "1")  # only an upstream answer has it
 
-    # The upstream is known to hold part of the history and does not answer: 503, the client retries.
-    answer = get(agent.url, "metrics/get-history", {"run_id": run_id, "metric_key": "loss"})
-    assert answer.status_code == 503, answer.text
-    assert answer.json()["error_code"] == "TEMPORARILY_UNAVAILABLE"
+    # The upstream does not answer: the run was created through the agent, which kept its delivered points,
+    # so its whole history still reads (each point once), without the upstream.
+    assert read_history(client, run_id, "loss", clamp=False) == expected_history(everything, "loss", clamp=False)
     # runs/get meanwhile comes from the agent's catalog, with everything logged.
     run = client.get_run(run_id)
     assert run.data.params == {"p1": "1", "p2": "2"}
@@ -401,9 +400,10 @@ def test_a_provisional_run_reads_whole_while_it_is_created_and_uploaded(
 def test_history_of_a_run_known_upstream_waits_for_the_upstream(
         mlflow_server: MlflowServer, faulty_proxy_factory: FaultyProxyFactory, agent_factory: AgentFactory,
         experiment_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The upstream holds part of the history and is gone (nothing listens): get-history answers 503
-    TEMPORARILY_UNAVAILABLE, which the MLflow client retries; a read in flight when the upstream comes
-    back gets the whole history."""
+    """A run created upstream by someone else, written to through the agent: the upstream holds part of its
+    history and is gone (nothing listens), so get-history answers 503 TEMPORARILY_UNAVAILABLE, which the
+    MLflow client retries; a read in flight when the upstream comes back gets the whole history. A run the
+    agent created reads whole meanwhile: the agent kept what it delivered."""
     from concurrent.futures import ThreadPoolExecutor
 
     # The client retries sooner than by default (backoff factor 2; read at each call).
@@ -413,16 +413,21 @@ def test_history_of_a_run_known_upstream_waits_for_the_upstream(
     proxy = faulty_proxy_factory(mlflow_server)
     agent = agent_factory(proxy, *FAST_AGENT_FLAGS, "--create-run-timeout", "10s")
     client = client_of(agent.url)
-    run_id = client.create_run(client.create_experiment(experiment_name)).info.run_id
+    experiment_id = client.create_experiment(experiment_name)
+    run_id = mlflow_server.client().create_run(experiment_id).info.run_id  # not through the agent
+    ours = client.create_run(experiment_id).info.run_id
     first, second = history(0, steps=20), history(1, steps=20)
     log_points(client, run_id, first)
+    log_points(client, ours, first)
     agent.wait_drained(timeout=60)
     proxy.stop()
     log_points(client, run_id, second)
+    log_points(client, ours, second)
     assert buffered(agent) > 0
 
     answer = get(agent.url, "metrics/get-history", {"run_id": run_id, "metric_key": "loss"})
     assert (answer.status_code, answer.json()["error_code"]) == (503, "TEMPORARILY_UNAVAILABLE"), answer.text
+    assert read_history(client, ours, "loss", clamp=False) == expected_history(first + second, "loss", clamp=False)
     latest = {k: (shown(r[0], clamp=True), r[1], r[2]) for k, r in expected_latest(first + second).items()}
     assert latest_rows(agent.url, run_id, clamp=True) == latest  # runs/get: from the agent's catalog
     with ThreadPoolExecutor(1) as pool:

@@ -31,6 +31,7 @@ FAMILIES: dict[str, tuple[str, frozenset[str]]] = {
     "mlflow_agent_buffered_bytes": ("gauge", frozenset()),
     "mlflow_agent_spool_limit_bytes": ("gauge", frozenset()),
     "mlflow_agent_spool_file_bytes": ("gauge", frozenset()),
+    "mlflow_agent_spool_history_bytes": ("gauge", frozenset()),
     "mlflow_agent_spool_disk_free_bytes": ("gauge", frozenset()),
     "mlflow_agent_oldest_buffered_record_age_seconds": ("gauge", frozenset()),
     "mlflow_agent_spool_quarantined_total": ("counter", frozenset()),

@@ -164,6 +164,9 @@ class SpoolModel(RuleBasedStateMachine):
         self.rows: list[ModelRow] = []
         self.next_seq = 1
         self.dead_in_db = 0
+        # delivered metric rows kept as history (ack(keep=True)), oldest first, and runs whose history was cut
+        self.kept: list[ModelRow] = []
+        self.lost: set[str] = set()
         self.params: dict[str, dict[str, str]] = {}
         self.tags: dict[str, dict[str, str]] = {}
         # what this process lifetime's counters must say, by kind label
@@ -198,6 +201,20 @@ class SpoolModel(RuleBasedStateMachine):
 
     def run_rows(self, run: str) -> list[ModelRow]:
         return [r for r in self.rows if r.run == run]
+
+    def kept_bytes(self) -> int:
+        return sum(r.size for r in self.kept)
+
+    def history_to_let_go(self, recs: list[Record]) -> list[ModelRow]:
+        """Kept rows that go (oldest first) to make room for ``recs``, whatever happens next."""
+        need = self.charged() + self.kept_bytes() + sum(row_size(r) for r in recs) - self.max_bytes
+        out, freed = [], 0
+        for row in self.kept:
+            if freed >= need:
+                break
+            out.append(row)
+            freed += row.size
+        return out
 
     def predict_append(self, recs: list[Record]) -> list[ModelRow] | None:
         """The metric rows evicted to make room, or None if the append must raise SpoolFull."""
@@ -242,7 +259,11 @@ class SpoolModel(RuleBasedStateMachine):
         if victims is None:
             event("append: spool full")
             assert isinstance(outcome, SpoolFull), outcome
-            return
+            return  # the history let go for it stays let go only if the append commits: not here
+        for row in self.history_to_let_go(recs):
+            event("append: kept history let go")
+            self.kept.remove(row)
+            self.lost.add(row.run)
         event(f"append: evicted {min(len(victims), 2)}+ rows")
         assert isinstance(outcome, store.AppendResult), outcome
         assert outcome.added == [RowChange(r.run, r.kind, r.count, row_size(r)) for r in recs]
@@ -253,7 +274,8 @@ class SpoolModel(RuleBasedStateMachine):
         assert set(self.woken) == {r.run for r in recs}
         self.apply_append(recs, writes, victims)
 
-    def apply_ack(self, progress: dict[int, int], dead: list[DeadLetter], result: AckResult) -> None:
+    def apply_ack(self, progress: dict[int, int], dead: list[DeadLetter], result: AckResult,
+                  keep: bool = False) -> None:
         """Check an AckResult against the model, then apply it to the model."""
         by_seq = {r.seq: r for r in self.rows}
         dead_per_seq: Counter[int] = Counter()
@@ -280,6 +302,12 @@ class SpoolModel(RuleBasedStateMachine):
             self.dead_in_db += dead_per_seq[seq]
             row.done = max(row.done, min(new_done, row.n))
             if row.done >= row.n:
+                if keep and row.kind is Kind.METRICS:
+                    if dead_per_seq[seq]:
+                        self.lost.add(row.run)
+                    else:
+                        self.kept.append(row)
+                        self.kept.sort(key=lambda r: r.seq)
                 self.rows.remove(row)
                 want_freed[RowChange(row.run, row.kind, 0, row.size, row.source)] += 1
         assert Counter(result.delivered) == want_delivered
@@ -342,8 +370,9 @@ class SpoolModel(RuleBasedStateMachine):
         if data.draw(st.booleans(), label="stale seq"):
             progress[self.next_seq + 100] = 1  # a row that does not exist (any more): ignored
             dead.append(DeadLetter(self.next_seq + 100, [], 1, 400, None, "gone"))
-        result = self.run(self.sp.ack(progress, dead))
-        self.apply_ack(progress, dead, result)
+        keep = data.draw(st.booleans(), label="keep")
+        result = self.run(self.sp.ack(progress, dead, keep=keep))
+        self.apply_ack(progress, dead, result, keep)
 
     @rule(data=st.data(), recs=st.lists(records(), min_size=1, max_size=3))
     def ack_after_append(self, data: st.DataObject, recs: list[Record]) -> None:
@@ -384,7 +413,21 @@ class SpoolModel(RuleBasedStateMachine):
             chosen = data.draw(st.lists(st.sampled_from(sent), unique_by=lambda p: (p.seq, p.index))
                                if sent else st.just([]), label="refused pieces")
             dead = [DeadLetter(p.seq, [p.item], 1, 400, "INVALID_PARAMETER_VALUE", "bad") for p in chosen]
-        self.apply_ack(progress, dead, self.run(self.sp.ack(progress, dead)))
+        keep = data.draw(st.booleans(), label="keep")
+        self.apply_ack(progress, dead, self.run(self.sp.ack(progress, dead, keep=keep)), keep)
+
+    @rule(run=st.sampled_from(RUNS))
+    def deliver_run_keeping_history(self, run: str) -> None:
+        """The whole run delivered, its metrics kept: later appends must make room by letting them go."""
+        rows = self.run(self.sp.read_run(run, 1000))
+        progress = {row.seq: row.n for row in rows}
+        self.apply_ack(progress, [], self.run(self.sp.ack(progress, keep=True)), keep=True)
+
+    @rule(run=st.sampled_from(RUNS))
+    def forget_history(self, run: str) -> None:
+        self.run(self.sp.forget_history(run))
+        self.kept = [r for r in self.kept if r.run != run]
+        self.lost.add(run)
 
     @rule(run=st.sampled_from(RUNS))
     def dead_letter_run(self, run: str) -> None:
@@ -397,6 +440,8 @@ class SpoolModel(RuleBasedStateMachine):
             self.rows.remove(r)
             self.dead[r.kind.label] += r.pending
             self.dead_in_db += r.pending
+        self.kept = [r for r in self.kept if r.run != run]
+        self.lost.add(run)
         self.ledger.acked(result)
 
     @rule()
@@ -459,6 +504,22 @@ class SpoolModel(RuleBasedStateMachine):
         db_bytes = sum(size for _, _, _, _, _, size, _ in got)
         assert self.sp.charged_bytes == db_bytes == self.ledger.bytes
         assert db_bytes <= self.max_bytes
+        assert self.sp.history_bytes == self.kept_bytes()
+        assert db_bytes + self.kept_bytes() <= self.max_bytes or not self.kept
+
+    @precondition(lambda self: self.spool is not None)
+    @invariant()
+    def history_is_the_model(self) -> None:
+        """Each run's metric history here: the kept rows and the waiting ones, whole, in order; whole as
+        long as none of the run's kept rows was let go."""
+        for run in RUNS:
+            points, whole = self.run(self.sp.metric_history(run, None))
+            rows = sorted([*(r for r in self.kept if r.run == run),
+                           *(r for r in self.rows if r.run == run and r.kind is Kind.METRICS)], key=lambda r: r.seq)
+            assert points == [item for r in rows for item in r.payload], run
+            assert whole == (run not in self.lost), run
+            key_points, _ = self.run(self.sp.metric_history(run, KEYS[0]))
+            assert key_points == [p for p in points if p[0] == KEYS[0]]
 
     @invariant()
     def ledger_and_counters_agree(self) -> None:
@@ -947,5 +1008,70 @@ async def test_maintenance_hands_freed_pages_back(tmp_path: Path) -> None:
         assert (await spool.maintenance())["freelist_pages"] == 0
         assert [row.payload for row in await spool.read_run("keep", 10)] == [keep.payload]
         assert spool.charged_bytes == row_size(keep)
+    finally:
+        await spool.close()
+
+
+# --- delivered metrics kept as a run's local history ---------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["drop_oldest", "reject"])
+async def test_kept_history_reads_whole_until_room_is_needed(tmp_path: Path, policy: str) -> None:
+    spool = Spool(tmp_path / "spool", max_bytes=3000, overflow_policy=policy)
+    await spool.open()
+    try:
+        first = metrics_record("run-a", 10)
+        await spool.append([first])
+        (row,) = await spool.read_run("run-a", 10)
+        await spool.ack({row.seq: 4})  # partly delivered: still waiting, and part of the history
+        assert await spool.metric_history("run-a", None) == (first.payload, True)
+        await spool.ack({row.seq: 10}, keep=True)
+        assert await spool.read_run("run-a", 10) == []  # nothing waits
+        assert await spool.metric_history("run-a", None) == (first.payload, True)  # all kept
+        kept = spool.history_bytes
+        assert kept == row.size and spool.charged_bytes == 0
+        second = metrics_record("run-a", 5, pad="x")
+        await spool.append([second])
+        points, whole = await spool.metric_history("run-a", None)
+        assert (points, whole) == ([*first.payload, *second.payload], True)
+        # Room is needed: the kept rows go first (nothing is dropped, under either policy), and the run's
+        # history is no longer whole here.
+        big = next(r for r in (metrics_record("run-b", n) for n in range(1, 200))
+                   if row_size(r) + spool.charged_bytes + kept > 3000)
+        assert row_size(big) + spool.charged_bytes <= 3000  # it fits next to what waits, not next to the kept
+        result = await spool.append([big])
+        assert result.evicted == []
+        assert spool.history_bytes == 0
+        assert await spool.metric_history("run-a", None) == (second.payload, False)
+        assert (await spool.metric_history("run-b", None))[1] is True
+    finally:
+        await spool.close()
+
+
+async def test_history_is_forgotten_when_the_run_ends_and_survives_a_restart(tmp_path: Path) -> None:
+    directory = tmp_path / "spool"
+    spool = Spool(directory, max_bytes=1 << 20)
+    await spool.open()
+    record = metrics_record("run-a", 3)
+    await spool.append([record])
+    (row,) = await spool.read_run("run-a", 10)
+    await spool.ack({row.seq: 3}, keep=True)
+    await spool.close()
+    spool = Spool(directory, max_bytes=1 << 20)
+    await spool.open()
+    try:
+        assert spool.history_bytes == row.size
+        assert await spool.metric_history("run-a", "k0") == ([p for p in record.payload if p[0] == "k0"], True)
+        await spool.forget_history("run-a")
+        assert spool.history_bytes == 0
+        assert await spool.metric_history("run-a", None) == ([], False)
+        # A run that never ends (its process gone): its history goes once nothing was delivered for a while.
+        other = metrics_record("run-b", 2)
+        await spool.append([other])
+        (row,) = await spool.read_run("run-b", 10)
+        await spool.ack({row.seq: 2}, keep=True)
+        assert await spool.expire_history(3600) == []
+        assert await spool.expire_history(-1) == ["run-b"]
+        assert await spool.metric_history("run-b", None) == ([], False) and spool.history_bytes == 0
     finally:
         await spool.close()
