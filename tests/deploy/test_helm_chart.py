@@ -438,6 +438,7 @@ def test_extra_volumes_env_and_settings(chart: helm.Chart) -> None:
     assert env_of(c)["MLFLOW_TRACKING_CLIENT_CERT_PATH"]["value"] == "/certs/tls.pem"
     # Numbers reach the agent as it parses them (not as 1.073741824e+09).
     assert env_of(c)["MLFLOW_AGENT_SPOOL_MAX_BYTES"]["value"] == "1073741824"
+    assert env_of(c)["MLFLOW_AGENT_ARTIFACT_MAX_BYTES"]["value"] == "512MiB"  # the chart's default
     settings = agent_settings(c)
     assert (settings.overflow_policy, settings.upload_max_in_flight, settings.upload_linger) == ("reject", 16, 0.5)
 
@@ -631,6 +632,7 @@ spec:
         ({"agent": {"drainTimeoutSeconds": -1}}, "/agent/drainTimeoutSeconds"),
         ({"agent": {"drainTimeout": "20s"}}, "'drainTimeout' not allowed"),
         ({"agent": {"spoolMaxBytes": "1 gigabyte"}}, "/agent/spoolMaxBytes"),
+        ({"agent": {"artifactMaxBytes": 1024}}, "/agent/artifactMaxBytes"),
         ({"agent": {"logFormat": "xml"}}, "/agent/logFormat"),
         ({"agent": {"extraSettings": {"http": "0.0.0.0:5050"}}}, "/agent/extraSettings/http"),
         ({"agent": {"extraSettings": {"Bad-Name": "1"}}}, "invalid propertyName 'Bad-Name'"),

@@ -183,6 +183,8 @@ Renders nothing when the values are consistent.
   value: {{ printf "%s/spool" (include "mlflow-agent.spoolMount" .ctx) | quote }}
 - name: MLFLOW_AGENT_SPOOL_MAX_BYTES
   value: {{ include "mlflow-agent.settingValue" $v.agent.spoolMaxBytes | quote }}
+- name: MLFLOW_AGENT_ARTIFACT_MAX_BYTES
+  value: {{ include "mlflow-agent.settingValue" $v.agent.artifactMaxBytes | quote }}
 - name: MLFLOW_AGENT_DRAIN_TIMEOUT
   value: {{ printf "%ds" (int $v.agent.drainTimeoutSeconds) | quote }}
 - name: MLFLOW_AGENT_LOG_LEVEL
