@@ -676,6 +676,27 @@ def get_run(query: Mapping[str, str]) -> str:
     return run_id
 
 
+def key_values(body: Mapping[str, Any], name: str) -> list[list[str]]:
+    """A list of ``{"key", "value"}`` objects (tags of a new run, a logged model's tags or params), each
+    key present and a string, a null value read as ""; as the server checks them."""
+    out: list[list[str]] = []
+    for i, item in enumerate(list_field(body, name)):
+        if not isinstance(item, dict):
+            raise _not_object(name, i, item)
+        key = item.get("key")
+        if key is None or key == "":
+            raise missing(f"{name}[{i}].key")
+        if not isinstance(key, str):
+            raise bad_value(key, f"{name}[{i}].key")
+        value = item.get("value")
+        if value is None:
+            value = ""
+        elif not isinstance(value, str):
+            raise bad_value(value, f"{name}[{i}].value")
+        out.append([key, value])
+    return out
+
+
 def create_run(body: Mapping[str, Any]) -> CreateRun:
     exp = body.get("experiment_id")
     if exp is not None and not isinstance(exp, str):
@@ -684,21 +705,7 @@ def create_run(body: Mapping[str, Any]) -> CreateRun:
     start_time = None if start is None else int64_field(start, "start_time")
     run_name = optional_str(body, "run_name")
     user_id = optional_str(body, "user_id")
-    tags: list[list[str]] = []
-    for i, t in enumerate(list_field(body, "tags")):
-        if not isinstance(t, dict):
-            raise _not_object("tags", i, t)
-        key = t.get("key")
-        if key is None or key == "":
-            raise missing(f"tags[{i}].key")
-        if not isinstance(key, str):
-            raise bad_value(key, f"tags[{i}].key")
-        value = t.get("value")
-        if value is None:
-            value = ""
-        elif not isinstance(value, str):
-            raise bad_value(value, f"tags[{i}].value")
-        tags.append([key, value])
+    tags = key_values(body, "tags")
 
     if exp:
         check_experiment_id(exp)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from agent.errors import MlflowApiError, bad_value, invalid, missing
-from agent.validation import check_experiment_id, int64_field, is_valid_run_id, list_field, optional_str
+from agent.validation import check_experiment_id, int64_field, is_valid_run_id, key_values, list_field, optional_str
 
 # LoggedModelStatus of service.proto, by number.
 MODEL_STATUSES: Final = ("LOGGED_MODEL_STATUS_UNSPECIFIED", "LOGGED_MODEL_PENDING", "LOGGED_MODEL_READY",
@@ -66,26 +66,6 @@ class LogOutputs:
     models: list[tuple[str, int]]  # (model id, step)
 
 
-def _key_values(body: Mapping[str, Any], name: str) -> list[list[str]]:
-    out: list[list[str]] = []
-    for i, item in enumerate(list_field(body, name)):
-        if not isinstance(item, dict):
-            raise invalid(f"Invalid value {item!r} for parameter '{name}[{i}]': it must be an object "
-                          "with a 'key' and a 'value'")
-        key = item.get("key")
-        if key is None or key == "":
-            raise missing(f"{name}[{i}].key")
-        if not isinstance(key, str):
-            raise bad_value(key, f"{name}[{i}].key")
-        value = item.get("value")
-        if value is None:
-            value = ""
-        elif not isinstance(value, str):
-            raise bad_value(value, f"{name}[{i}].value")
-        out.append([key, value])
-    return out
-
-
 def check_model_name(name: str | None) -> None:
     if name is not None and any(c in name for c in _BAD_NAME_CHARS):
         raise invalid(f"Invalid model name ({name!r}) provided. Model name must be a non-empty string and cannot "
@@ -108,8 +88,8 @@ def create_model(body: Mapping[str, Any]) -> CreateModel:
     name = optional_str(body, "name")
     model_type = optional_str(body, "model_type")
     source_run_id = optional_str(body, "source_run_id")
-    tags = _key_values(body, "tags")
-    params = _key_values(body, "params")
+    tags = key_values(body, "tags")
+    params = key_values(body, "params")
     check_experiment_id(exp)
     check_model_name(name)
     seen: set[str] = set()
@@ -139,11 +119,11 @@ def finalize_model(body: Mapping[str, Any]) -> str:
 
 
 def model_tags(body: Mapping[str, Any]) -> list[list[str]]:
-    return _key_values(body, "tags")
+    return key_values(body, "tags")
 
 
 def model_params(body: Mapping[str, Any]) -> list[list[str]]:
-    params = _key_values(body, "params")
+    params = key_values(body, "params")
     if len({k for k, _ in params}) != len(params):
         raise MlflowApiError("BAD_REQUEST", "UNIQUE constraint failed: logged_model_params.model_id, "
                              "logged_model_params.param_key (a param key given twice)")
@@ -210,7 +190,7 @@ def _dataset_input(item: object, i: int) -> dict[str, Any]:
         if limit is not None and len(value) > limit:
             raise invalid(f"'{field}' exceeds the maximum length of {limit} characters")
         out[field] = value
-    tags = _key_values(item, "tags")
+    tags = key_values(item, "tags")
     result: dict[str, Any] = {"dataset": out}
     if tags:
         result["tags"] = [{"key": k, "value": v} for k, v in tags]

@@ -29,7 +29,6 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from agent import validation_models as vm
@@ -37,6 +36,7 @@ from agent.artifact_paths import client_artifact_uri, default_model_uri
 from agent.catalog import ModelEntry, RunEntry, generate_run_name, new_id, new_model_id
 from agent.errors import MlflowApiError, invalid, unavailable
 from agent.records import PROVISIONAL_MODEL_TAG, Kind, Record, model_queue
+from agent.sources import reads
 from agent.sources.mlflow_api import Handler, MlflowApi, json_response
 from agent.sources.search_filter import SearchFilterError, parse_model_filter, sort_models
 from agent.spool.store import CatalogWrite
@@ -258,14 +258,10 @@ class ModelsApi:
     async def search(self, request: web.Request) -> web.StreamResponse:
         """Models of this agent not uploaded yet (or with writes waiting) are part of the answer: the
         upstream's first page, with those merged in, filtered and ordered as MLflow would."""
-        try:
-            body = orjson.loads(await request.read() or b"{}")
-        except orjson.JSONDecodeError:
-            body = None
-        ids = body.get("experiment_ids") if isinstance(body, dict) else None
-        if not isinstance(body, dict) or not isinstance(ids, list) or not ids or \
-                not all(isinstance(i, str) for i in ids):
+        parsed = reads.search_request(await request.read())
+        if parsed is None:
             return await self._forward(request, "logged models need an upstream")  # the upstream's to refuse
+        body, ids = parsed
         wanted = set(ids)
         local_only = self.api.azureml or self.api.rest is None or all(
             self.catalog.upstream_experiment_id(i) is None for i in ids)

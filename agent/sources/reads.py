@@ -11,6 +11,8 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import orjson
+
 from agent.catalog import Catalog, RunEntry
 from agent.records import MetricValue
 
@@ -116,3 +118,16 @@ def merge_lineage(run: dict[str, Any], entry: RunEntry, catalog: Catalog) -> Non
         present.extend(item for item in local if key(item) not in seen)
         container[name] = present
     run["inputs"], run["outputs"] = inputs, outputs
+
+
+def search_request(raw: bytes) -> tuple[dict[str, Any], list[str]] | None:
+    """A search's JSON body and the experiment ids it names, or None for a body the agent does not judge
+    (the upstream answers it, malformed ones included, as it would without the agent)."""
+    try:
+        body = orjson.loads(raw or b"{}")
+    except orjson.JSONDecodeError:
+        return None
+    ids = body.get("experiment_ids") if isinstance(body, dict) else None
+    if not isinstance(body, dict) or not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+        return None
+    return body, ids

@@ -16,11 +16,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from agent.catalog import RunEntry
 from agent.errors import invalid, unavailable
+from agent.sources import reads
 from agent.sources.mlflow_api import MlflowApi, json_response
 from agent.sources.search_filter import SearchFilterError, parse_run_filter, sort_runs
 
@@ -43,14 +43,10 @@ class RunSearch:
         return await self.api.forward(request)
 
     async def search(self, request: web.Request) -> web.StreamResponse:
-        try:
-            body = orjson.loads(await request.read() or b"{}")
-        except orjson.JSONDecodeError:
-            body = None
-        ids = body.get("experiment_ids") if isinstance(body, dict) else None
-        if not isinstance(body, dict) or not isinstance(ids, list) or not ids or \
-                not all(isinstance(i, str) for i in ids):
+        parsed = reads.search_request(await request.read())
+        if parsed is None:
             return await self._forward(request)  # the upstream's to answer, malformed requests included
+        body, ids = parsed
         if self.api.before_lifecycle is not None:
             await self.api.before_lifecycle()  # what this process sent as datagrams is part of what it reads
         wanted = set(ids)

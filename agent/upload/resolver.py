@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agent.artifact_paths import UPSTREAM_ROOT, proxied_root
-from agent.catalog import Catalog
+from agent.catalog import Catalog, ModelEntry, RunEntry
 from agent.records import PROVISIONAL_MODEL_TAG, PROVISIONAL_TAG, RUN_ID_TAGS
 from agent.spool.store import Spool
 from agent.upload.retry import RetryPolicy
@@ -227,21 +227,18 @@ class Resolver:
     async def upstream_run(self, run_id: str) -> str:
         """The upstream id of a run, waiting while it is provisional and not created yet (a run whose
         creation was refused keeps its own id, which the upstream then refuses in turn)."""
-        entry = self.catalog.run(run_id)
-        if entry is None or not entry.provisional:
-            return run_id
-        async with self._mapped:
-            await self._mapped.wait_for(lambda: entry.upstream_id is not None or entry.info.get("abandoned", False))
-        return entry.upstream_id or run_id
+        return await self._upstream_id(self.catalog.run(run_id), run_id)
 
     async def upstream_model(self, model_id: str) -> str:
         """The upstream id of a logged model, waiting while it is provisional and not created yet."""
-        entry = self.catalog.model(model_id)
+        return await self._upstream_id(self.catalog.model(model_id), model_id)
+
+    async def _upstream_id(self, entry: RunEntry | ModelEntry | None, client_id: str) -> str:
         if entry is None or not entry.provisional:
-            return model_id
+            return client_id
         async with self._mapped:
             await self._mapped.wait_for(lambda: entry.upstream_id is not None or entry.info.get("abandoned", False))
-        return entry.upstream_id or model_id
+        return entry.upstream_id or client_id
 
     async def translate_tag(self, key: str, value: str) -> str:
         """Tags whose value is a run id (``mlflow.parentRunId``) must name the upstream run."""

@@ -1,4 +1,5 @@
-"""Fixtures shared by the Azure ML integration tests (the gateway stand-in and a clean environment)."""
+"""Fixtures shared by the integration tests: the Azure ML gateway stand-in and a clean environment, and
+the mlflow fluent API's global state put back after a test."""
 
 from __future__ import annotations
 
@@ -22,3 +23,18 @@ def make_gateway(tmp_path: Path, mlflow_server: MlflowServer, no_tools: Path) ->
     """``make_gateway(**opts) -> AzureGateway`` (started) in front of the session MLflow server."""
     with gateways(tmp_path, mlflow_server) as make:
         yield make
+
+
+@pytest.fixture
+def fluent() -> Iterator[None]:
+    """For tests that use mlflow's fluent API (``mlflow.set_tracking_uri``, ``start_run``, ``log_model``):
+    its global tracking URI and active runs, put back after the test."""
+    import mlflow
+
+    before = mlflow.get_tracking_uri()
+    try:
+        yield
+    finally:
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+        mlflow.set_tracking_uri(before)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,36 +20,13 @@ import pytest
 from tests.conftest import AgentFactory
 from tests.integration.azure_helpers import AGENT_ARGS, GatewayFactory, assert_no_secrets, identity_env
 from tests.integration.helpers import PROVISIONAL_TAG, all_runs, match_client_runs
-from tests.integration.test_artifacts import download_digests, listing, make_tree, tree_digests
+from tests.integration.test_artifacts import download_digests, listing, make_tree, tree_digests, wait_artifacts_uploaded
 from tests.integration.test_models import fitted_model, training_data
-from tests.support.agent_process import AgentProcess
 from tests.support.mlflow_server import MlflowServer
-from tests.support.processes import wait_until
 
 pytestmark = pytest.mark.integration
 
 HISTORY_TAG = "mlflow.log-model.history"
-
-
-@pytest.fixture
-def fluent() -> Iterator[None]:
-    import mlflow
-
-    before = mlflow.get_tracking_uri()
-    try:
-        yield
-    finally:
-        while mlflow.active_run() is not None:
-            mlflow.end_run()
-        mlflow.set_tracking_uri(before)
-
-
-def wait_uploaded(agent: AgentProcess, timeout: float) -> None:
-    def done() -> bool:
-        status = agent.status()
-        return status["artifacts"]["waiting"] == 0 and status["buffered_records"] == 0
-
-    wait_until(done, timeout, interval=0.3, message="everything uploaded", proc=agent.proc)
 
 
 def sha256(path: Path) -> str:
@@ -107,7 +83,7 @@ def test_artifacts_and_models_reach_azure_ml_through_an_outage(
     assert client.get_logged_model(model.model_id).status.to_proto() == 2
 
     gateway.start()  # back, same port and secret
-    wait_uploaded(agent, 120)
+    wait_artifacts_uploaded(agent, 120)
     upstream = match_client_runs(all_runs(mlflow_server.url, experiment_name), {"run": run_id})["run"]
     assert upstream.data.tags[PROVISIONAL_TAG] == run_id
     # Run history holds each file once, blob storage its exact bytes (the superseded readme was never sent).

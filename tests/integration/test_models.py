@@ -9,7 +9,6 @@ Real processes: MLflow servers and agent processes; the client is the real mlflo
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,20 +29,6 @@ pytestmark = pytest.mark.integration
 
 MODEL_TAG = "mlflow_agent.provisional_model_id"
 API = "/api/2.0/mlflow/"
-
-
-@pytest.fixture
-def fluent() -> Iterator[None]:
-    """The fluent API's global tracking URI and active runs, put back after the test."""
-    import mlflow
-
-    before = mlflow.get_tracking_uri()
-    try:
-        yield
-    finally:
-        while mlflow.active_run() is not None:
-            mlflow.end_run()
-        mlflow.set_tracking_uri(before)
 
 
 def training_data() -> tuple[Any, Any]:
