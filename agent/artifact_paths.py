@@ -57,6 +57,20 @@ def _entry(owner: ArtifactOwner, catalog: Catalog) -> RunEntry | ModelEntry | No
     return catalog.model(owner.id) if owner.kind == "model" else catalog.run(owner.id)
 
 
+def given_up_owner(path: str, catalog: Catalog) -> str | None:
+    """The run or model of a client path whose creation upstream was refused for good (its records were
+    dead-lettered), if it is one of those: its files can never go anywhere either."""
+    owner = owner_of(path)
+    if owner is None:
+        return None
+    entry = _entry(owner, catalog)
+    if owner.kind == "model" and entry is not None and entry.info.get("azure_run"):
+        entry = catalog.run(str(entry.info["azure_run"])) or entry
+    if entry is not None and entry.upstream_id is None and entry.info.get("abandoned"):
+        return owner.id
+    return None
+
+
 def upstream_artifact_path(path: str, catalog: Catalog) -> str | None:
     """The path to send to the upstream's artifact proxy for a client path; None while an id in it is
     not created upstream yet (the caller waits)."""

@@ -105,3 +105,15 @@ def test_azure_targets() -> None:
         azure_artifact_target("loose/file.txt", c)
     with pytest.raises(NotAnArtifactPath, match="did not create"):
         azure_artifact_target(f"{EXP}/models/m-{'9' * 32}/artifacts/MLmodel", c)
+
+
+def test_files_of_a_run_or_model_whose_creation_was_refused_have_nowhere_to_go() -> None:
+    from agent.artifact_paths import given_up_owner
+
+    c = catalog(created=False)
+    assert given_up_owner(f"{EXP}/{RUN}/artifacts/a.txt", c) is None  # waiting, not given up
+    c.runs[RUN].info["abandoned"] = True
+    assert given_up_owner(f"{EXP}/{RUN}/artifacts/a.txt", c) == RUN
+    # On Azure ML a model's files live in its run: they go nowhere when the run cannot be created.
+    assert given_up_owner(f"{EXP}/models/{MODEL}/artifacts/MLmodel", c) == MODEL
+    assert given_up_owner("loose/file", c) is None

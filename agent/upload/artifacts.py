@@ -19,7 +19,13 @@ import logging
 from pathlib import Path
 from typing import Protocol
 
-from agent.artifact_paths import AzureArtifactTarget, NotAnArtifactPath, azure_artifact_target, upstream_artifact_path
+from agent.artifact_paths import (
+    AzureArtifactTarget,
+    NotAnArtifactPath,
+    azure_artifact_target,
+    given_up_owner,
+    upstream_artifact_path,
+)
 from agent.catalog import Catalog
 from agent.ops.metrics import AgentMetrics
 from agent.spool.artifacts import Artifact, ArtifactStore
@@ -42,6 +48,12 @@ class ArtifactSink(Protocol):
     async def put(self, target: object, data: Path, size: int, content_type: str) -> None: ...
 
 
+def _refuse_given_up(path: str, catalog: Catalog) -> None:
+    owner = given_up_owner(path, catalog)
+    if owner is not None:
+        raise PermanentError(f"{owner} could not be created upstream (see the dead-letter table)")
+
+
 class MlflowArtifactSink:
     """An MLflow server's artifact proxy, the same layout with the upstream's ids."""
 
@@ -50,6 +62,7 @@ class MlflowArtifactSink:
         self.catalog = catalog
 
     def target(self, path: str) -> object | None:
+        _refuse_given_up(path, self.catalog)
         return upstream_artifact_path(path, self.catalog)
 
     async def put(self, target: object, data: Path, size: int, content_type: str) -> None:
@@ -65,6 +78,7 @@ class AzureArtifactSink:
         self.catalog = catalog
 
     def target(self, path: str) -> object | None:
+        _refuse_given_up(path, self.catalog)
         try:
             return azure_artifact_target(path, self.catalog)
         except NotAnArtifactPath as exc:
